@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# The CPU-only torch 2.13 wheel has no matching torchvision; this pinned pair is the known-good set.
+PINNED := torch==2.14.1 torchvision==0.29.1 timm==1.0.31
+
+.PHONY: install test demo bench fashion-mnist clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(PINNED)
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+fashion-mnist:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing. Install it with: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
+
+demo: install fashion-mnist
+	$(VENV)/bin/vitlinearizer demo $(ARGS)
+
+bench: install
+	$(VENV)/bin/vitlinearizer bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs

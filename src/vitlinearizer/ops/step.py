@@ -1,0 +1,42 @@
+"""Recurrent (one token at a time) inference: O(1) memory per token from a carried (B, H, N, P) state."""
+from __future__ import annotations
+
+import torch
+
+from ._validate import expand_groups
+
+
+def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
+    """Advance the recurrence by one token.
+
+    Args:
+        q_t, k_t: (B, G, N) query/key of this token (G divides H).
+        v_t: (B, H, P) value.
+        log_decay_t: (B, H) per-head or (B, H, N) per-key-channel log decay (<= 0).
+        state: (B, H, N, P) carried state, or None for a zero state. Kept in float32 (float64 for float64 input).
+
+    Returns:
+        (y_t (B, H, P) in v_t's dtype, new state (B, H, N, P)).
+    """
+    acc = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+    heads = v_t.shape[1]
+    q_t = expand_groups(q_t.unsqueeze(1), heads).squeeze(1).to(acc)  # (B, H, N)
+    k_t = expand_groups(k_t.unsqueeze(1), heads).squeeze(1).to(acc)  # (B, H, N)
+    decay = log_decay_t.to(acc).exp()
+    decay = decay[..., None] if decay.dim() == 3 else decay[..., None, None]
+    update = k_t[..., :, None] * v_t.to(acc)[..., None, :]  # (B, H, N, P)
+    state = update.new_zeros(update.shape) if state is None else state.to(acc)
+    state = decay * state + update
+    y_t = (q_t.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, P)
+    return y_t.to(v_t.dtype), state
+
+
+def step_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_state=False):
+    """The whole sequence through :func:`recurrent_step`, as a decoder would run it."""
+    state = initial_state
+    outputs = []
+    for t in range(q.shape[1]):
+        y_t, state = recurrent_step(q[:, t], k[:, t], v[:, t], log_decay[:, t], state)
+        outputs.append(y_t)
+    y = torch.stack(outputs, dim=1)
+    return y, (state if return_final_state else None)

@@ -1,0 +1,147 @@
+"""Every recurrence path against the naive float loop: outputs, final state and all input gradients."""
+import math
+
+import pytest
+import torch
+
+from vitlinearizer.ops import linear_recurrence, recurrent_step
+
+TOL = {torch.float64: 1e-5, torch.float32: 1e-3}
+
+
+def rel_err(ref: torch.Tensor, other: torch.Tensor) -> float:
+    """Relative RMS error (as fla tests do); the floor covers gradients that are exactly zero (L=1, no state)."""
+    return ((ref - other).double().pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt().clamp_min(1e-3)).item()
+
+
+def make_inputs(batch, length, heads, key_dim, value_dim, per_channel, groups=None, dtype=torch.float64, seed=0,
+                with_state=False, min_log_decay=-1.0):
+    gen = torch.Generator().manual_seed(seed)
+    groups = groups or heads
+    q = torch.randn(batch, length, groups, key_dim, generator=gen, dtype=dtype) / math.sqrt(key_dim)
+    k = torch.randn(batch, length, groups, key_dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, length, heads, value_dim, generator=gen, dtype=dtype)
+    shape = (batch, length, heads, key_dim) if per_channel else (batch, length, heads)
+    log_decay = torch.rand(shape, generator=gen, dtype=dtype) * min_log_decay  # in (min_log_decay, 0]
+    state = torch.randn(batch, heads, key_dim, value_dim, generator=gen, dtype=dtype) if with_state else None
+    inputs = [q, k, v, log_decay] + ([state] if with_state else [])
+    return [t.requires_grad_() for t in inputs]
+
+
+def run(impl, inputs, chunk_size=None, seed=1):
+    state = inputs[4] if len(inputs) == 5 else None
+    y, final = linear_recurrence(*inputs[:4], initial_state=state, return_final_state=True, impl=impl,
+                                 chunk_size=chunk_size)
+    gen = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    dstate = torch.randn(final.shape, generator=gen, dtype=final.dtype)
+    grads = torch.autograd.grad((y * dy).sum() + (final * dstate).sum(), inputs)
+    return y, final, grads
+
+
+NAMES = ["q", "k", "v", "log_decay", "initial_state"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "init_state"])
+@pytest.mark.parametrize("length", [1, 7, 65, 197])
+@pytest.mark.parametrize("impl,chunk_size", [("chunked", None), ("chunked", 8), ("step", None)],
+                         ids=["chunked", "chunked8", "step"])
+def test_paths_match_naive(impl, chunk_size, length, with_state, per_channel, dtype):
+    inputs = make_inputs(2, length, 3, 8, 5, per_channel, dtype=dtype, with_state=with_state, seed=length)
+    y_ref, s_ref, g_ref = run("naive", inputs)
+    y, s, g = run(impl, inputs, chunk_size)
+    assert y.dtype == dtype and y.shape == (2, length, 3, 5)
+    assert rel_err(y_ref, y) <= TOL[dtype], "output"
+    assert rel_err(s_ref, s) <= TOL[dtype], "final state"
+    for name, a, b in zip(NAMES, g_ref, g):
+        assert rel_err(a, b) <= TOL[dtype], f"grad of {name}"
+
+
+@pytest.mark.parametrize("impl", ["chunked", "step"])
+def test_grouped_queries_match_expanded_heads(impl):
+    # Mamba-2 with ngroups=1: all heads share B and C.
+    inputs = make_inputs(2, 33, 4, 6, 3, per_channel=False, groups=1, seed=3)
+    y_ref, s_ref, g_ref = run("naive", inputs)
+    y, s, g = run(impl, inputs, chunk_size=16)
+    assert rel_err(y_ref, y) <= 1e-10 and rel_err(s_ref, s) <= 1e-10
+    for a, b in zip(g_ref, g):
+        assert rel_err(a, b) <= 1e-10
+
+
+def test_naive_matches_closed_form():
+    # y_t = sum_{s<=t} exp(sum_{r=s+1..t} a_r) (q_t . k_s) v_s, written as an explicit double sum.
+    q, k, v, a = (t.detach() for t in make_inputs(1, 6, 1, 2, 2, per_channel=False))
+    y = linear_recurrence(q, k, v, a, impl="naive")
+    for t in range(6):
+        expected = sum(math.exp(a[0, s + 1:t + 1, 0].sum().item()) * (q[0, t, 0] @ k[0, s, 0]) * v[0, s, 0]
+                       for s in range(t + 1))
+        torch.testing.assert_close(y[0, t, 0], expected)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_carried_state_splits_sequence(per_channel):
+    q, k, v, a = (t.detach() for t in make_inputs(2, 50, 2, 4, 4, per_channel, seed=5))
+    y_full = linear_recurrence(q, k, v, a, impl="chunked")
+    y1, state = linear_recurrence(q[:, :23], k[:, :23], v[:, :23], a[:, :23], return_final_state=True, impl="chunked")
+    y2 = linear_recurrence(q[:, 23:], k[:, 23:], v[:, 23:], a[:, 23:], initial_state=state, impl="chunked")
+    assert rel_err(y_full, torch.cat([y1, y2], 1)) < 1e-10
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_chunked_finite_for_long_strongly_decaying_sequences(per_channel):
+    q, k, v, a = (t.detach().float() for t in make_inputs(1, 4097, 2, 8, 4, per_channel, dtype=torch.float64,
+                                                          min_log_decay=-20.0, seed=7))
+    y, state = linear_recurrence(q, k, v, a, impl="chunked", return_final_state=True)
+    assert torch.isfinite(y).all() and torch.isfinite(state).all()
+    # With decay this strong the state is dominated by the last token, which the naive tail reproduces.
+    y_tail = linear_recurrence(q[:, -300:], k[:, -300:], v[:, -300:], a[:, -300:], impl="naive")
+    assert rel_err(y_tail[:, -100:], y[:, -100:]) < 1e-4
+
+
+def test_recurrent_step_is_one_token_of_the_sequence():
+    q, k, v, a = (t.detach() for t in make_inputs(2, 9, 3, 4, 2, per_channel=True, seed=11))
+    y_ref, s_ref = linear_recurrence(q, k, v, a, impl="naive", return_final_state=True)
+    state = None
+    for t in range(9):
+        y_t, state = recurrent_step(q[:, t], k[:, t], v[:, t], a[:, t], state)
+        torch.testing.assert_close(y_t, y_ref[:, t])
+    torch.testing.assert_close(state, s_ref)
+
+
+def test_bf16_inputs_keep_float32_state():
+    q, k, v, a = (t.detach().bfloat16() for t in make_inputs(1, 40, 2, 4, 4, per_channel=False, seed=2))
+    y, state = linear_recurrence(q, k, v, a, impl="chunked", return_final_state=True)
+    assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
+    y_ref = linear_recurrence(q.double(), k.double(), v.double(), a.double(), impl="naive")
+    assert rel_err(y_ref, y.double()) < 2e-2
+
+
+def test_auto_uses_chunked_on_cpu():
+    q, k, v, a = (t.detach() for t in make_inputs(1, 20, 2, 4, 4, per_channel=False))
+    torch.testing.assert_close(linear_recurrence(q, k, v, a), linear_recurrence(q, k, v, a, impl="chunked"))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, k, v, a: (q[..., :-1], k, v, a), "same shape"),
+    (lambda q, k, v, a: (q, k, v[:, :-1], a), r"share \(B, L\)"),
+    (lambda q, k, v, a: (q, k, v, a[..., None, None]), "log_decay must be per head"),
+    (lambda q, k, v, a: (q.long(), k, v, a), "floating-point"),
+    (lambda q, k, v, a: (q[0], k[0], v, a), r"\(B, L, H, N\)"),
+    (lambda q, k, v, a: (q[:, :, :2], k[:, :, :2], v, a), "multiple of"),
+])
+def test_bad_inputs_raise_clear_errors(mutate, match):
+    q, k, v, a = (t.detach() for t in make_inputs(1, 5, 3, 4, 4, per_channel=False))
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_recurrence(*mutate(q, k, v, a))
+
+
+def test_bad_impl_state_and_chunk_size():
+    q, k, v, a = (t.detach() for t in make_inputs(1, 5, 3, 4, 4, per_channel=False))
+    with pytest.raises(ValueError, match="unknown recurrence impl 'fast'.*chunked"):
+        linear_recurrence(q, k, v, a, impl="fast")
+    with pytest.raises(ValueError, match="initial_state must be"):
+        linear_recurrence(q, k, v, a, initial_state=torch.zeros(1, 3, 4, 5, dtype=q.dtype))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        linear_recurrence(q, k, v, a, chunk_size=0)
