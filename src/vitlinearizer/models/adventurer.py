@@ -1,0 +1,385 @@
+"""Adventurer: a plain ViT-like stack of causal linear-time token mixers (Mamba-2 by default).
+
+Paper: "Adventurer: Optimizing Vision Mamba Architecture Designs for Efficiency" (arXiv 2410.07599), the
+student of "ViT-Linearizer" (arXiv 2504.00037). Original code: github.com/wangf3014/Adventurer (a895f9e).
+
+Differences from the released code:
+- scan direction flips in every other block (``i % 2 == 1``); the release's ``i // 2 == 1`` flips only
+  blocks 2 and 3, a bug its author confirmed (Adventurer issue #6);
+- drop-path rates are ``linspace(0, rate, depth)`` (the release prepends a 0 and shifts them by one block);
+- any input resolution at run time: the position embedding is resampled on the fly;
+- the mixer is pluggable (``mamba2`` | ``gla`` | ``hgrn``) and runs on the pure-PyTorch kernels of
+  :mod:`vitlinearizer.ops` (Triton through fla-core on GPU when installed);
+- an optional learnable ``mask_token`` replaces masked patch embeddings (masked distillation).
+"""
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, PatchEmbed, RmsNorm, SwiGLU, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint
+
+from .mixers import MIXERS, create_mixer
+
+__all__ = ["Adventurer", "AdventurerBlock", "checkpoint_filter_fn"]
+
+
+def _flip_patches(x: torch.Tensor) -> torch.Tensor:
+    """Reverse the patch tokens, keeping the class token (last) in place."""
+    return torch.cat([x[:, :-1].flip(1), x[:, -1:]], dim=1)
+
+
+class AdventurerBlock(nn.Module):
+    """Pre-norm block: [flip] -> prepend heading average -> causal mixer -> drop it -> [flip back]; SwiGLU MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        mixer: str = "mamba2",
+        mixer_kwargs: dict | None = None,
+        mlp_ratio: float = 2.5,
+        drop_path: float = 0.0,
+        flip: bool = False,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.flip = flip
+        self.norm1 = RmsNorm(dim, eps=norm_eps)
+        self.mixer = create_mixer(mixer, dim, **(mixer_kwargs or {}))
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = RmsNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLU(dim, int(dim * mlp_ratio), bias=True)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, N + 1, D), patch tokens in raster order and the class token last.
+        h = self.norm1(x)
+        if self.flip:
+            h = _flip_patches(h)
+        # The heading token gives every position a global summary before the causal scan reaches it.
+        h = torch.cat([h.mean(dim=1, keepdim=True), h], dim=1)  # (B, N + 2, D)
+        h = self.mixer(h)[:, 1:]
+        if self.flip:
+            h = _flip_patches(h)
+        x = x + self.drop_path1(h)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class Adventurer(nn.Module):
+    """Isotropic causal vision model: patch embed, class token appended LAST, blocks, RMSNorm, class-token head."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        embed_dim: int = 512,
+        depth: int = 12,
+        mlp_ratio: float = 2.5,
+        mixer: str = "mamba2",
+        mixer_kwargs: dict | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+        use_mask_token: bool = False,
+        **kwargs,
+    ):
+        super().__init__()
+        if kwargs.pop("dynamic_img_size", True) is False:
+            raise ValueError("Adventurer always accepts any resolution that is a multiple of the patch size")
+        kwargs.pop("pretrained_cfg", None)
+        if kwargs:
+            raise TypeError(f"Adventurer got unexpected arguments: {', '.join(sorted(kwargs))}")
+        if mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {mixer!r}; choose one of {', '.join(MIXERS)}")
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1  # the class token (stored last; timm's name kept for tooling)
+        self.mixer_name = mixer
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            AdventurerBlock(embed_dim, mixer, mixer_kwargs, mlp_ratio, rates[i], flip=i % 2 == 1, norm_eps=norm_eps)
+            for i in range(depth)
+        ])
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        self.norm = RmsNorm(embed_dim, eps=norm_eps)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # GPT-2 style: scale residual-branch outputs so the residual stream's variance does not grow with depth.
+        for block in self.blocks:
+            for proj in (block.mlp.fc2, getattr(block.mixer, "out_proj", None), getattr(block.mixer, "o_proj", None)):
+                if proj is not None:
+                    proj.weight.data.div_(math.sqrt(2 * len(self.blocks)))
+        for mixer in (b.mixer for b in self.blocks):
+            if hasattr(mixer, "gk_proj"):  # GLA: start with slow decay (logsigmoid of a positive bias ~ 0)
+                nn.init.constant_(mixer.gk_proj[1].bias, 4.0)
+
+    # ----------------------------------------------------------------------------------------- timm API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "mask_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^pos_embed|^mask_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("token", "avg"):
+                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size=None) -> None:
+        """Change the native resolution: the position embedding is resampled once and stored at the new grid."""
+        if patch_size is not None and tuple(timm_pair(patch_size)) != tuple(self.patch_embed.patch_size):
+            raise ValueError("Adventurer cannot change its patch size after creation; create a new model instead")
+        old_grid = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size)
+        new_grid = self.patch_embed.grid_size
+        if new_grid != old_grid:
+            patches = resample_abs_pos_embed(self.pos_embed[:, :-1], list(new_grid), list(old_grid), num_prefix_tokens=0)
+            self.pos_embed = nn.Parameter(torch.cat([patches, self.pos_embed[:, -1:]], dim=1).detach())
+
+    # ----------------------------------------------------------------------------------------- forward
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid for an input size; a clear error when a side is not a multiple of the patch size."""
+        ph, pw = self.patch_embed.patch_size
+        if height % ph or width % pw:
+            fit = (max(ph, round(height / ph) * ph), max(pw, round(width / pw) * pw))
+            raise ValueError(
+                f"input size {height}x{width} is not a multiple of the patch size {ph}x{pw}; "
+                f"resize or crop to a multiple, e.g. {fit[0]}x{fit[1]}"
+            )
+        return height // ph, width // pw
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = self.patch_grid(x.shape[-2], x.shape[-1])
+        x = self.patch_embed(x)  # (B, N, D)
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this model has no mask token; create it with use_mask_token=True to pass `mask`")
+            if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        pos = self.pos_embed
+        if grid != self.patch_embed.grid_size:
+            patches = resample_abs_pos_embed(pos[:, :-1], list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
+            pos = torch.cat([patches, pos[:, -1:]], dim=1)
+        x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)  # class token LAST
+        return x + pos, grid
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N + 1, D) normalised tokens; ``mask`` (B, N) bool replaces patch embeddings."""
+        x, _ = self._embed(x, mask)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, :-1].mean(dim=1) if self.global_pool == "avg" else x[:, -1]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        mask: torch.Tensor | None = None,
+    ):
+        """Block outputs as patch tokens in raster order ('NLC' (B, N, D) or 'NCHW'); the class token is the prefix."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (gh, gw) = self._embed(x, mask)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = self._run_block(block, x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, -1:] for y in intermediates]
+        intermediates = [y[:, :-1] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
+
+def timm_pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Adventurer) -> dict:
+    """Map a saved state dict onto ``model``: unwrap containers, resample the position embedding, drop a
+    mask token the model does not have (a distilled student loaded as a plain classifier)."""
+    for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        k = k.removeprefix("module.").removeprefix("student.")
+        if k == "mask_token" and model.mask_token is None:
+            continue
+        if k == "pos_embed" and v.shape != model.pos_embed.shape:
+            n = v.shape[1] - 1
+            old = (int(math.isqrt(n)),) * 2
+            if old[0] * old[1] != n:
+                raise ValueError(f"cannot infer the grid of a non-square pos_embed with {n} patch positions")
+            patches = resample_abs_pos_embed(v[:, :-1], list(model.patch_embed.grid_size), list(old), num_prefix_tokens=0)
+            v = torch.cat([patches, v[:, -1:]], dim=1)
+        out[k] = v
+    return out
+
+
+def _create_adventurer(variant: str, pretrained: bool = False, **kwargs) -> Adventurer:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        Adventurer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+_DEMO = dict(num_classes=10, input_size=(3, 28, 28), crop_pct=1.0)
+default_cfgs = generate_default_cfgs({
+    "adventurer_tiny_patch16_224": _cfg(),
+    "adventurer_small_patch16_224": _cfg(),
+    "adventurer_base_patch16_224": _cfg(),
+    "adventurer_large_patch16_224": _cfg(),
+    "adventurer_nano_patch4_28": _cfg(**_DEMO),
+    "adventurer_micro_patch4_28": _cfg(**_DEMO),
+})
+
+# Demo sizes keep Mamba-2's structure with a smaller state and heads, sized for 28-64 px inputs.
+_DEMO_MAMBA2 = dict(d_state=32, head_dim=32)
+
+
+def _demo_args(kwargs: dict) -> dict:
+    if kwargs.get("mixer", "mamba2") == "mamba2":
+        kwargs["mixer_kwargs"] = {**_DEMO_MAMBA2, **(kwargs.get("mixer_kwargs") or {})}
+    return kwargs
+
+
+@register_model
+def adventurer_tiny_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
+    """Adventurer-Tiny (~12M), width 256, depth 12."""
+    model_args = dict(patch_size=16, embed_dim=256, depth=12)
+    return _create_adventurer("adventurer_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def adventurer_small_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
+    """Adventurer-Small (44M), width 512, depth 12."""
+    model_args = dict(patch_size=16, embed_dim=512, depth=12)
+    return _create_adventurer("adventurer_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def adventurer_base_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
+    """Adventurer-Base (99M), width 768, depth 12."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12)
+    return _create_adventurer("adventurer_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def adventurer_large_patch16_224(pretrained: bool = False, **kwargs) -> Adventurer:
+    """Adventurer-Large (346M), width 1024, depth 24."""
+    model_args = dict(patch_size=16, embed_dim=1024, depth=24)
+    return _create_adventurer("adventurer_large_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def adventurer_nano_patch4_28(pretrained: bool = False, **kwargs) -> Adventurer:
+    """Demo size (~1.3M), width 128, depth 6, patch 4: for 28-64 px images."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=128, depth=6)
+    return _create_adventurer("adventurer_nano_patch4_28", pretrained, **_demo_args(dict(model_args, **kwargs)))
+
+
+@register_model
+def adventurer_micro_patch4_28(pretrained: bool = False, **kwargs) -> Adventurer:
+    """Demo size (~2.9M), width 192, depth 6, patch 4: for 28-64 px images."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=192, depth=6)
+    return _create_adventurer("adventurer_micro_patch4_28", pretrained, **_demo_args(dict(model_args, **kwargs)))

@@ -1,0 +1,232 @@
+"""Causal token mixers built on the shared linear recurrence (:mod:`vitlinearizer.ops`).
+
+- :class:`Mamba2Mixer`: Mamba-2 (SSD), scalar decay per head (arXiv 2405.21060);
+- :class:`GLAMixer`: gated linear attention, decay per key channel (arXiv 2312.06635);
+- :class:`HGRNMixer`: HGRN, an element-wise gated RNN (arXiv 2311.04823), the diagonal case.
+
+Every mixer maps (B, L, D) -> (B, L, D) with ``forward`` (parallel, for training) and has a recurrent
+``step(x_t, state) -> (y_t, state)`` for O(1)-memory inference; the two agree (tests/test_mixers.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import linear_recurrence, recurrent_step
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Decays and gates are computed in float32 under bf16/fp16 autocast (exp of low-precision sums drifts)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * SiLU(z)) over groups of channels (Mamba-2's norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int | None = None, eps: float = 1e-5):
+        super().__init__()
+        self.group_size = group_size or dim
+        if dim % self.group_size:
+            raise ValueError(f"GatedRMSNorm: dim {dim} is not a multiple of group_size {self.group_size}")
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        shape = y.shape
+        x = (y * F.silu(z)).reshape(*shape[:-1], -1, self.group_size)
+        x = _at_least_float32(x)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x.reshape(shape).to(y.dtype) * self.weight
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 layer: in_proj -> (z, xBC, dt); causal depthwise conv on xBC; SSD; gated RMSNorm; out_proj.
+
+    The SSD recurrence per head h is S_t = exp(-dt_t A_h) S_{t-1} + B_t (dt_t x_t)^T, y_t = S_t^T C_t + D_h x_t,
+    i.e. ``linear_recurrence(q=C, k=B, v=x*dt, log_decay=-dt*A)`` with B and C shared by the heads of a group.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 64,
+        expand: int = 2,
+        d_conv: int = 4,
+        head_dim: int = 64,
+        n_groups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        d_inner = expand * dim
+        if d_inner % head_dim:
+            raise ValueError(f"Mamba2Mixer: expand*dim = {d_inner} must be a multiple of head_dim {head_dim}")
+        self.num_heads = d_inner // head_dim
+        if self.num_heads % n_groups:
+            raise ValueError(f"Mamba2Mixer: {self.num_heads} heads cannot be split into n_groups={n_groups}")
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.head_dim, self.n_groups = head_dim, n_groups
+        self.impl, self.chunk_size = impl, chunk_size
+        self.conv_dim = d_inner + 2 * n_groups * d_state
+
+        self.in_proj = nn.Linear(dim, d_inner + self.conv_dim + self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        # dt is log-uniform in [dt_min, dt_max]; store softplus^-1(dt) so softplus(dt_bias) starts there.
+        dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads).uniform_(*A_init_range).log())
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // n_groups, eps=norm_eps)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def _ssd_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
+        """Split the conv output into recurrence inputs; shapes keep any leading (B,) or (B, L) dims."""
+        xs, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
+        lead = xs.shape[:-1]
+        xs = xs.reshape(*lead, self.num_heads, self.head_dim)  # (..., H, P)
+        dt = F.softplus(_at_least_float32(dt) + self.dt_bias)  # (..., H)
+        log_decay = -dt * self.A_log.exp()  # (..., H), <= 0
+        q = c.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
+        k = b.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
+        v = xs * dt[..., None].to(xs.dtype)  # (..., H, P)
+        return xs, q, k, v, log_decay
+
+    def _output(self, y: torch.Tensor, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = y + xs * self.D[:, None].to(xs.dtype)  # (..., H, P)
+        y = self.norm(y.flatten(-2), z)
+        return self.out_proj(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))  # causal: drop the right pad
+        xs, q, k, v, log_decay = self._ssd_inputs(xbc, dt)
+        y = linear_recurrence(q, k, v, log_decay, impl=self.impl, chunk_size=self.chunk_size)  # (B, L, H, P)
+        return self._output(y, xs, z)
+
+    def init_state(self, batch: int, device=None, dtype=torch.float32):
+        conv = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.num_heads, self.d_state, self.head_dim, device=device, dtype=torch.float32)
+        return conv, ssm
+
+    def step(self, x_t: torch.Tensor, state=None):
+        """One token: x_t (B, D), state (conv window (B, C, d_conv-1), SSM state (B, H, N, P)) or None."""
+        conv_state, ssm_state = state if state is not None else self.init_state(x_t.shape[0], x_t.device, x_t.dtype)
+        z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        window = torch.cat([conv_state, xbc[..., None]], dim=-1)  # (B, C, d_conv)
+        xbc = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        xs, q, k, v, log_decay = self._ssd_inputs(xbc, dt)
+        y, ssm_state = recurrent_step(q, k, v, log_decay, ssm_state)
+        return self._output(y, xs, z), (window[..., 1:], ssm_state)
+
+
+class GLAMixer(nn.Module):
+    """Gated linear attention: per-key-channel data-dependent decay from a low-rank gate, gated RMSNorm output.
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T with g_t = logsigmoid(W2 W1 x_t) / gate_normalizer, y_t = S_t^T q_t.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int | None = None,
+        expand_k: float = 0.5,
+        expand_v: float = 1.0,
+        gate_low_rank_dim: int = 16,
+        gate_normalizer: float = 16.0,
+        norm_eps: float = 1e-5,
+        impl: str = "auto",
+        chunk_size: int | None = None,
+    ):
+        super().__init__()
+        self.key_dim, self.value_dim = int(dim * expand_k), int(dim * expand_v)
+        self.num_heads = num_heads or max(1, dim // 128)
+        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
+            raise ValueError(
+                f"GLAMixer: key dim {self.key_dim} and value dim {self.value_dim} must divide into {self.num_heads} heads"
+            )
+        self.head_k, self.head_v = self.key_dim // self.num_heads, self.value_dim // self.num_heads
+        self.gate_normalizer, self.impl, self.chunk_size = gate_normalizer, impl, chunk_size
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(
+            nn.Linear(dim, gate_low_rank_dim, bias=False), nn.Linear(gate_low_rank_dim, self.key_dim, bias=True)
+        )
+        self.norm = GatedRMSNorm(self.value_dim, group_size=self.head_v, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+
+    def _inputs(self, x: torch.Tensor):
+        lead = x.shape[:-1]
+        heads = (self.num_heads, self.head_k)
+        q = self.q_proj(x).reshape(*lead, *heads) * self.head_k**-0.5  # the kernel takes unscaled q
+        k = self.k_proj(x).reshape(*lead, *heads)
+        v = self.v_proj(x).reshape(*lead, self.num_heads, self.head_v)
+        log_decay = F.logsigmoid(_at_least_float32(self.gk_proj(x))).reshape(*lead, *heads) / self.gate_normalizer
+        return q, k, v, log_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v, log_decay = self._inputs(x)
+        y = linear_recurrence(q, k, v, log_decay, impl=self.impl, chunk_size=self.chunk_size)
+        return self.o_proj(self.norm(y.flatten(-2), self.g_proj(x)))
+
+    def step(self, x_t: torch.Tensor, state=None):
+        """One token: x_t (B, D), state (B, H, N, P) or None."""
+        q, k, v, log_decay = self._inputs(x_t)
+        y, state = recurrent_step(q, k, v, log_decay, state)
+        return self.o_proj(self.norm(y.flatten(-2), self.g_proj(x_t))), state
+
+
+class HGRNMixer(nn.Module):
+    """HGRN: element-wise gated recurrence h_t = f_t * h_{t-1} + (1 - f_t) * SiLU(W_i x_t), output-gated.
+
+    Each channel is its own head with a 1x1 state (N = P = 1), so the shared per-head-decay kernel runs it.
+    """
+
+    def __init__(self, dim: int, expand: float = 1.0, norm_eps: float = 1e-5, impl: str = "auto",
+                 chunk_size: int | None = 16):
+        super().__init__()
+        self.inner = int(dim * expand)
+        self.impl, self.chunk_size = impl, chunk_size
+        self.i_proj = nn.Linear(dim, self.inner, bias=False)
+        self.f_proj = nn.Linear(dim, self.inner, bias=True)
+        self.g_proj = nn.Linear(dim, self.inner, bias=False)
+        self.norm = GatedRMSNorm(self.inner, eps=norm_eps)
+        self.o_proj = nn.Linear(self.inner, dim, bias=False)
+
+    def _inputs(self, x: torch.Tensor):
+        f_logit = _at_least_float32(self.f_proj(x))
+        log_forget = F.logsigmoid(f_logit)  # (..., C)
+        update = F.silu(self.i_proj(x)) * torch.sigmoid(-f_logit).to(x.dtype)  # (1 - f) * i
+        ones = update.new_ones(*update.shape[:-1], 1, 1)  # q = k = 1 shared by all channels (one group)
+        return ones, ones, update[..., None], log_forget
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v, log_decay = self._inputs(x)
+        h = linear_recurrence(q, k, v, log_decay, impl=self.impl, chunk_size=self.chunk_size)  # (B, L, C, 1)
+        return self.o_proj(self.norm(h.squeeze(-1), self.g_proj(x)))
+
+    def step(self, x_t: torch.Tensor, state=None):
+        """One token: x_t (B, D), state (B, C, 1, 1) or None."""
+        q, k, v, log_decay = self._inputs(x_t)
+        h, state = recurrent_step(q, k, v, log_decay, state)
+        return self.o_proj(self.norm(h.squeeze(-1), self.g_proj(x_t))), state
+
+
+MIXERS = {"mamba2": Mamba2Mixer, "gla": GLAMixer, "hgrn": HGRNMixer}
+
+
+def create_mixer(name: str, dim: int, **kwargs) -> nn.Module:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; choose one of {', '.join(MIXERS)}")
+    return MIXERS[name](dim, **kwargs)
