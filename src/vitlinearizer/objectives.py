@@ -9,40 +9,37 @@ Nothing is detached: pass teacher tensors produced under ``torch.no_grad()``
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = [
-    "cosine_similarity_map",
-    "activation_matching_loss",
-    "masked_prediction_loss",
-    "logit_kd_loss",
-]
+__all__ = ["cosine_similarity_map", "activation_matching_loss", "masked_prediction_loss", "logit_kd_loss"]
 
 _EPS = 1e-6
 Feats = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
 def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _check_float(x, name: str, shape: str = "(B, L, C)") -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or (shape == "(B, L, C)" and x.dim() != 3):
+        raise ValueError(f"{name} must be a floating {shape} tensor")
+
+
 def _check_mask(mask: Optional[torch.Tensor], name: str, batch: int, length: int) -> None:
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     if tuple(mask.shape) != (batch, length):
         raise ValueError(f"{name} must have shape (B, L)=({batch}, {length}), got {tuple(mask.shape)}")
 
@@ -70,8 +67,7 @@ def cosine_similarity_map(feats: torch.Tensor, visible: Optional[torch.Tensor] =
     Returns:
         (B, L, L) tensor in ``promote(feats.dtype, float32)``. Uses O(L^2) memory.
     """
-    if not isinstance(feats, torch.Tensor) or feats.dim() != 3 or not feats.is_floating_point():
-        raise ValueError("feats must be a floating (B, L, C) tensor")
+    _check_float(feats, "feats")
     _check_mask(visible, "visible", feats.shape[0], feats.shape[1])
     with _no_autocast(feats.device):
         f = _unit_tokens(feats, visible, _compute_dtype(feats))
@@ -88,23 +84,29 @@ def _as_stage_list(feats: Feats, name: str) -> list:
     if not stages:
         raise ValueError(f"{name} is empty: need at least one stage")
     for k, t in enumerate(stages):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-            raise ValueError(f"{name}[{k}] must be a floating (B, L, C) tensor")
+        _check_float(t, f"{name}[{k}]")
     return stages
 
 
-def _row_cosines(rows_t, rows_s, cols_t, cols_s, block: int) -> torch.Tensor:
-    """cos(row of A_t, row of A_s) for each given row, processed ``block`` rows at a time.
+def _block_cosines(rows_t, rows_s, cols_t, cols_s) -> torch.Tensor:
+    a_t = rows_t @ cols_t.transpose(1, 2)  # (B, rows, L)
+    a_s = rows_s @ cols_s.transpose(1, 2)
+    dot = (a_t * a_s).sum(-1)
+    return dot / (a_t.norm(dim=-1).clamp_min(_EPS) * a_s.norm(dim=-1).clamp_min(_EPS))
 
-    Each block costs O(B * block * L) memory; the row norm needs only its own row.
-    """
+
+def _row_cosines(rows_t, rows_s, cols_t, cols_s, block: Optional[int]) -> torch.Tensor:
+    """cos(row of A_t, row of A_s) for each given row, ``block`` rows at a time."""
+    if block is None or block >= rows_t.shape[1]:
+        return _block_cosines(rows_t, rows_s, cols_t, cols_s)
+    # Without checkpointing autograd would keep every block's (block x L) maps
+    # alive for backward, i.e. O(L^2) again; recomputing them keeps the peak at
+    # O(block * L) at the price of a second forward per block.
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (rows_t, rows_s, cols_t, cols_s))
     out = []
     for start in range(0, rows_t.shape[1], block):
-        a_t = rows_t[:, start : start + block] @ cols_t.transpose(1, 2)  # (B, blk, L)
-        a_s = rows_s[:, start : start + block] @ cols_s.transpose(1, 2)
-        dot = (a_t * a_s).sum(-1)
-        norm = a_t.norm(dim=-1).clamp_min(_EPS) * a_s.norm(dim=-1).clamp_min(_EPS)
-        out.append(dot / norm)
+        args = (rows_t[:, start : start + block], rows_s[:, start : start + block], cols_t, cols_s)
+        out.append(checkpoint(_block_cosines, *args, use_reentrant=False) if grad else _block_cosines(*args))
     return torch.cat(out, dim=1)
 
 
@@ -137,7 +139,9 @@ def activation_matching_loss(
         teacher_feats: K tensors (B, L, C_t_k), position-aligned with the student.
         visible: (B, L) bool, True where the student saw the token; None = all.
         row_block_size: if set, process this many rows at a time, so peak
-            memory is O(B * row_block_size * L) instead of O(B * L^2). Same value.
+            memory is O(B * row_block_size * L) instead of O(B * L^2), also in
+            backward (each block is recomputed there: ~1.5x the matmul cost).
+            Same value and gradients.
         num_anchors: if set to k, use k rows per image drawn uniformly without
             replacement from its visible tokens (all of them if k >= n); columns
             stay all visible tokens. Cost O(L * k); an unbiased estimate of the
@@ -156,12 +160,13 @@ def activation_matching_loss(
     if len(s_list) != len(t_list):
         raise ValueError(f"number of stages differs: student has {len(s_list)}, teacher has {len(t_list)}")
     batch, length = s_list[0].shape[:2]
-    for k, (s, t) in enumerate(zip(s_list, t_list)):
-        for name, x in (("student_feats", s), ("teacher_feats", t)):
-            if x.shape[0] != batch:
-                raise ValueError(f"batch size mismatch: {name}[{k}] has B={x.shape[0]}, expected {batch}")
-            if x.shape[1] != length:
-                raise ValueError(f"token count mismatch: {name}[{k}] has L={x.shape[1]}, expected {length}")
+    for name, x in [(f"student_feats[{k}]", x) for k, x in enumerate(s_list)] + [
+        (f"teacher_feats[{k}]", x) for k, x in enumerate(t_list)
+    ]:
+        if x.shape[0] != batch:
+            raise ValueError(f"batch size mismatch: {name} has B={x.shape[0]}, expected {batch}")
+        if x.shape[1] != length:
+            raise ValueError(f"token count mismatch: {name} has L={x.shape[1]}, expected {length}")
     _check_mask(visible, "visible", batch, length)
     for name, v in (("row_block_size", row_block_size), ("num_anchors", num_anchors)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -169,8 +174,7 @@ def activation_matching_loss(
 
     device = s_list[0].device
     dtype = _compute_dtype(*s_list, *t_list)
-    vis = visible if visible is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-    vis = vis.to(device)
+    vis = torch.ones(batch, length, dtype=torch.bool, device=device) if visible is None else visible.to(device)
 
     # Row selection: all rows, or k random visible rows per image (random-key top-k
     # over visible tokens is a uniform draw without replacement).
@@ -184,7 +188,6 @@ def activation_matching_loss(
         row_valid = vis.gather(1, anchor_idx)  # False where the image had < k visible
     rows_per_image = row_valid.sum(1)  # min(k, n) or n
     has_rows = rows_per_image > 0
-    block = row_block_size or row_valid.shape[1]
 
     stage_losses = []
     with _no_autocast(device):
@@ -194,7 +197,7 @@ def activation_matching_loss(
             if anchor_idx is not None:
                 rs = fs.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, fs.shape[-1]))
                 rt = ft.gather(1, anchor_idx.unsqueeze(-1).expand(-1, -1, ft.shape[-1]))
-            cos = _row_cosines(rt, rs, ft, fs, block)
+            cos = _row_cosines(rt, rs, ft, fs, row_block_size)
             per_row = torch.where(row_valid, 1.0 - cos, torch.zeros((), dtype=dtype, device=device))
             per_image = per_row.sum(1) / rows_per_image.clamp_min(1).to(dtype)
             stage_losses.append(per_image.sum() / has_rows.sum().clamp_min(1).to(dtype))
@@ -231,14 +234,13 @@ def masked_prediction_loss(
     Returns:
         Scalar tensor in ``promote(float32, input dtypes)``.
     """
-    for name, x in (("pred", pred), ("target", target)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating (B, L, C) tensor")
+    _check_float(pred, "pred")
+    _check_float(target, "target")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    _check_mask(masked, "masked", pred.shape[0], pred.shape[1])
     if masked is None:
         raise ValueError("masked must be a (B, L) bool tensor, got None")
+    _check_mask(masked, "masked", pred.shape[0], pred.shape[1])
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
 
@@ -274,9 +276,8 @@ def logit_kd_loss(
     Returns:
         Scalar tensor in ``promote(float32, input dtypes)``.
     """
-    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor of shape (..., num_classes)")
+    _check_float(student_logits, "student_logits", "(..., num_classes)")
+    _check_float(teacher_logits, "teacher_logits", "(..., num_classes)")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"logit shapes differ: student {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}"

@@ -1,0 +1,299 @@
+"""Frozen timm ViT teacher whose token features are aligned to a student's patch grid.
+
+The student emits raster-order patch tokens over its grid ``(Hs, Ws)``; the teacher may use
+another patch size or resolution, so its token maps are resampled to that grid. Checkpoints
+are read only through :func:`load_state_dict_safely`, which never unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import pickle
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Union
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+__all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "TeacherOutput", "Teacher"]
+
+_CONTAINER_KEYS = ("state_dict", "model", "module")
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+_NOT_VIT = "teacher must be a ViT-family timm model with patch tokens"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint needs arbitrary Python objects (i.e. code execution) to load."""
+
+
+def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Loads a tensor state dict without ever executing code from the file.
+
+    Args:
+        path: ``.safetensors`` file, or ``.pth``/``.pt``/``.bin`` torch checkpoint.
+        prefer_ema: Pick ``model_ema``/``state_dict_ema`` over raw weights when both exist.
+
+    Returns:
+        Name -> CPU tensor; training containers (``state_dict``, ``model``, ...) and ``module.`` removed.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: The pickle holds arbitrary objects (``ValueError`` subclass).
+        ValueError: Unsupported suffix, unreadable file or no tensors inside.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj = load_file(str(path), device="cpu")
+    elif suffix in _PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's own text suggests weights_only=False, the opposite of what we want; keep its cause.
+            why = str(e).partition("WeightsUnpickler error:")[2].split(". ")[0].strip() or str(e)
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it contains arbitrary Python objects, and unpickling them "
+                "could execute code, so it was refused for safety. Convert it to .safetensors in a "
+                f"trusted environment (safetensors.torch.save_file). Loader said: {why}") from None
+    else:
+        raise ValueError(f"unsupported checkpoint suffix {suffix!r} for {path}; "
+                         f"use .safetensors or one of {', '.join(_PICKLE_SUFFIXES)}")
+    keys = _EMA_KEYS + _CONTAINER_KEYS if prefer_ema else _CONTAINER_KEYS + _EMA_KEYS
+    # Training checkpoints nest weights, sometimes twice (e.g. {"model": {"module": ...}}).
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in keys if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        found = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} holds no tensor state dict (found: {found})")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+class TeacherOutput(NamedTuple):
+    """Teacher features on the student grid; token tensors are (B, Hs*Ws, C_t) in raster order.
+
+    Attributes:
+        stages: Block outputs (no final norm) for each requested block, in request order.
+        last: Last-layer patch tokens after the final norm (what ``forward_features`` gives).
+        cls: Final class token after the norm, (B, C_t), or None if the model has none.
+    """
+
+    stages: list[torch.Tensor]
+    last: torch.Tensor
+    cls: Optional[torch.Tensor]
+
+
+def _create_vit(model_name: str, kwargs: dict) -> nn.Module:
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name.split(".")[0], timm.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"unknown timm model {model_name!r}; close matches: "
+                         f"{', '.join(close or timm.list_models('*vit*')[:5])}")
+    try:
+        model = timm.create_model(model_name, pretrained=False, **{"dynamic_img_size": True, **kwargs})
+    except TypeError:
+        # Some ViT variants lack dynamic_img_size; they then only run at their img_size.
+        try:
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"{_NOT_VIT}; got {model_name!r}, which rejects ViT arguments: {e}") from e
+    lacks = [a for a in ("patch_embed", "blocks", "num_prefix_tokens", "forward_intermediates")
+             if not hasattr(model, a)]
+    if lacks:
+        raise ValueError(f"{_NOT_VIT}; got {model_name!r} ({type(model).__name__}, lacks {', '.join(lacks)})")
+    return model
+
+
+def _to_tokens(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resamples an NCHW map to ``grid`` and flattens it to raster-order tokens."""
+    if tuple(fmap.shape[-2:]) != grid:
+        down = grid[0] < fmap.shape[-2] or grid[1] < fmap.shape[-1]
+        # fp32 because antialiased kernels do not cover all half types; antialias avoids
+        # aliasing when several teacher tokens fall into one student cell.
+        fmap = F.interpolate(fmap.float(), size=grid, mode="bilinear", align_corners=False,
+                             antialias=down).to(fmap.dtype)
+    return fmap.flatten(2).transpose(1, 2).contiguous()
+
+
+class Teacher(nn.Module):
+    """Frozen, always-eval timm ViT used as a distillation target.
+
+    Args:
+        model_name: timm name (``name.tag`` ok): ``vit_*``, ``deit_*``, ``vit_*_clip_*``, ``eva02_*``.
+        weights: Optional local checkpoint, see :func:`load_state_dict_safely`. Never downloaded.
+        img_size: Override the model's input resolution.
+        num_classes: Override the classifier size (0 removes the head).
+        ignore_head: Drop checkpoint classifier weights (head stays random), e.g. other class count.
+        prefer_ema: Use EMA weights when the checkpoint holds both.
+        **model_kwargs: Extra ``timm.create_model`` arguments (depth, embed_dim, ...).
+    """
+
+    def __init__(self, model_name: str, weights: Union[str, Path, None] = None, img_size=None,
+                 num_classes: Optional[int] = None, *, ignore_head: bool = False,
+                 prefer_ema: bool = False, **model_kwargs):
+        super().__init__()
+        overrides = {"img_size": img_size, "num_classes": num_classes}
+        kwargs = {**model_kwargs, **{k: v for k, v in overrides.items() if v is not None}}
+        self.model_name = model_name
+        self.model = _create_vit(model_name, kwargs)
+        if weights is not None:
+            self._load_weights(Path(weights), ignore_head, prefer_ema)
+        self.model.requires_grad_(False)
+        # Non-persistent: derived from pretrained_cfg / the data pipeline, not learned state.
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        for name, buf in (("mean_kd", mean), ("std_kd", std), ("input_scale", torch.ones_like(mean)),
+                          ("input_shift", torch.zeros_like(mean))):
+            self.register_buffer(name, buf, persistent=False)
+        self._renormalize = False
+        self.train(False)
+
+    def _load_weights(self, path: Path, ignore_head: bool, prefer_ema: bool) -> None:
+        sd = load_state_dict_safely(path, prefer_ema=prefer_ema)
+        family = importlib.import_module(timm.models.model_entrypoint(self.model_name).__module__)
+        filter_fn = getattr(family, "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            # timm's own remapping: OpenAI CLIP / DINOv2 layouts, pos-embed resampling, ...
+            try:
+                sd = filter_fn(sd, self.model)
+            except (RuntimeError, KeyError, ValueError, IndexError) as e:
+                raise ValueError(f"timm could not adapt {path} to {self.model_name!r}: {e}") from e
+        heads = self.model.pretrained_cfg.get("classifier") or "head"  # ("head", "head_dist") for DeiT
+        head_prefixes = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+        expected = self.model.state_dict()
+        if ignore_head:
+            sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
+            expected = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            lines = [f"checkpoint {path} does not fit teacher {self.model_name!r}:"] + [
+                f"  {len(v)} {label}: {', '.join(v[:10])}{f' (+{len(v) - 10} more)' if len(v) > 10 else ''}"
+                for label, v in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", shapes)) if v]
+            if any(k.startswith(head_prefixes) for k in missing + unexpected + shapes):
+                n = next((sd[k].shape[0] for k in sd if k.startswith(head_prefixes)), None)
+                lines.append(f"  the classifier head does not fit (checkpoint head outputs: {n}); pass "
+                             "num_classes to match it, or ignore_head=True to drop the head weights")
+            raise ValueError("\n".join(lines))
+        self.model.load_state_dict(sd, strict=not ignore_head)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        """Ignores ``mode``: the target must stay deterministic (no dropout/drop-path)."""
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(getattr(self.model, "embed_dim", self.model.num_features))
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(int(p) for p in self.model.patch_embed.patch_size)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.model, "cls_token", None) is not None
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD))
+
+    def set_input_normalization(self, data_mean: Optional[Sequence[float]] = None,
+                                data_std: Optional[Sequence[float]] = None) -> None:
+        """Declares the normalisation the data pipeline applied; inputs are mapped to the teacher's.
+
+        Args:
+            data_mean: Per-channel pipeline mean; both None means inputs use the teacher's mean/std.
+            data_std: Per-channel std used by the pipeline.
+        """
+        if data_mean is None and data_std is None:
+            data_mean, data_std = self.mean, self.std
+        if data_mean is None or data_std is None:
+            raise ValueError("set both data_mean and data_std, or neither")
+        # float64 from the cfg tuples so that "same as teacher" is detected exactly.
+        t_mean, t_std, d_mean, d_std = (torch.as_tensor(v, dtype=torch.float64).reshape(1, -1, 1, 1)
+                                        for v in (self.mean, self.std, data_mean, data_std))
+        if d_mean.shape != t_mean.shape or d_std.shape != t_mean.shape or bool((d_std <= 0).any()):
+            raise ValueError(f"data mean/std need {t_mean.numel()} channels and positive std; "
+                             f"got {list(data_mean)}, {list(data_std)}")
+        # x_t = (x * d_std + d_mean - t_mean) / t_std, folded into one affine map.
+        self.input_scale.copy_(d_std / t_std)  # copy_ also moves to the buffer's device
+        self.input_shift.copy_((d_mean - t_mean) / t_std)
+        self._renormalize = not (torch.equal(d_mean, t_mean) and torch.equal(d_std, t_std))
+
+    def normalize_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Maps pipeline-normalised images to the teacher's normalisation."""
+        if not self._renormalize:
+            return images
+        return images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
+
+    def stage_indices(self, num_stages: int) -> list[int]:
+        """Indices of the last block of each of ``num_stages`` equal stages (12, 4 -> [2, 5, 8, 11])."""
+        d = self.depth
+        if num_stages < 1 or d % num_stages:
+            allowed = [k for k in range(1, d + 1) if d % k == 0]
+            raise ValueError(f"cannot split teacher depth {d} into K={num_stages} equal stages; "
+                             f"K must divide {d}: one of {allowed}")
+        return [d // num_stages * (i + 1) - 1 for i in range(num_stages)]
+
+    @torch.no_grad()
+    def forward_features_aligned(self, images: torch.Tensor, stage_indices: Sequence[int],
+                                 out_grid: Optional[tuple[int, int]] = None) -> TeacherOutput:
+        """Teacher tokens resampled to the student grid.
+
+        Args:
+            images: (B, 3, H, W) batch in the pipeline's normalisation.
+            stage_indices: Block indices to tap (negative counts from the end).
+            out_grid: Student grid (Hs, Ws); None keeps the teacher's native grid.
+
+        Returns:
+            TeacherOutput; patch tokens never include the prefix (class, register) tokens.
+        """
+        d = self.depth
+        idx = [int(i) + d if int(i) < 0 else int(i) for i in stage_indices]
+        if any(not 0 <= i < d for i in idx):
+            raise ValueError(f"stage indices {list(stage_indices)} out of range for depth {d}")
+        taps = sorted(set(idx)) or [d - 1]
+        npt = self.num_prefix_tokens
+        # Intermediates are prefix-free anyway; EVA breaks on return_prefix_tokens without prefixes.
+        final, inter = self.model.forward_intermediates(
+            self.normalize_input(images), indices=taps, output_fmt="NCHW",
+            return_prefix_tokens=npt > 0, norm=False)
+        maps = dict(zip(taps, (t[0] if isinstance(t, tuple) else t for t in inter)))
+        b, c, ht, wt = maps[taps[0]].shape
+        grid = (ht, wt) if out_grid is None else (int(out_grid[0]), int(out_grid[1]))
+        stages = [_to_tokens(maps[i], grid) for i in idx]
+        last = _to_tokens(final[:, npt:].transpose(1, 2).reshape(b, -1, ht, wt), grid)
+        cls = final[:, 0] if self.has_class_token else None
+        return TeacherOutput(stages, last, cls)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (or pooled features when ``num_classes=0``) for logit KD and evaluation."""
+        return self.model(self.normalize_input(images))
+

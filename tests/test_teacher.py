@@ -1,0 +1,331 @@
+"""Tests for the frozen ViT teacher adapter (tiny models, CPU only, no downloads)."""
+import pickle
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from vitlinearizer.teacher import Teacher, TeacherOutput, UnsafeCheckpointError, load_state_dict_safely
+
+NAME = "vit_tiny_patch16_224"
+TINY = dict(img_size=32, patch_size=4, depth=4, embed_dim=32, num_heads=2, num_classes=10)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _source(name=NAME, seed=0, **over):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **{**TINY, **over}).eval()
+
+
+def _images(h=32, w=32, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(2, 3, h, w)
+
+
+def _save(sd, path):
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+def _block_output(teacher, block, x):
+    """Output of one block (prefix tokens included) from a plain forward_features pass."""
+    seen = {}
+    handle = teacher.model.blocks[block].register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    with torch.no_grad():
+        final = teacher.model.forward_features(x)
+    handle.remove()
+    return seen["x"], final
+
+
+@pytest.fixture(scope="module")
+def vit():
+    """Shared read-only teacher for tests that neither load weights nor change settings."""
+    return Teacher(NAME, **TINY)
+
+
+class _Payload:
+    """Pickles to a call of exec that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("name", [NAME, "deit_tiny_distilled_patch16_224", "vit_base_patch16_clip_224",
+                                  "eva02_tiny_patch14_224"])
+def test_round_trip_safetensors(tmp_path, name):
+    src = _source(name)
+    path = _save(src.state_dict(), tmp_path / "w.safetensors")
+    teacher = Teacher(name, weights=path, **TINY)
+    x = _images()
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), src(x), atol=1e-6, rtol=0)
+        feats = src.forward_features(x)
+    out = teacher.forward_features_aligned(x, [1, 3])
+    assert torch.allclose(out.last, feats[:, src.num_prefix_tokens:], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("suffix,wrap", [
+    (".pth", lambda sd: {"state_dict": sd, "epoch": 3}),
+    (".bin", lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}}),
+    (".pt", lambda sd: sd),
+])
+def test_round_trip_torch_formats(tmp_path, suffix, wrap):
+    src = _source()
+    path = _save(wrap(src.state_dict()), tmp_path / f"w{suffix}")
+    teacher = Teacher(NAME, weights=path, **TINY)
+    x = _images()
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), src(x), atol=1e-6, rtol=0)
+
+
+def test_load_state_dict_safely_containers_and_errors(tmp_path):
+    a, b = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    path = _save({"model": a, "model_ema": b, "epoch": 1}, tmp_path / "ckpt.pth")
+    assert torch.equal(load_state_dict_safely(path)["w"], a["w"])
+    assert torch.equal(load_state_dict_safely(path, prefer_ema=True)["w"], b["w"])
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_state_dict_safely(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="unsupported checkpoint suffix"):
+        load_state_dict_safely(_save(a, tmp_path / "w.npz"))
+    with pytest.raises(ValueError, match="no tensor"):
+        load_state_dict_safely(_save({"epoch": 1}, tmp_path / "empty.pth"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_malicious_pickle_is_refused(tmp_path, writer):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "evil.pth"
+    payload = {"state_dict": {"w": torch.zeros(1)}, "evil": _Payload(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(UnsafeCheckpointError, match="arbitrary Python objects") as info:
+        load_state_dict_safely(path)
+    assert "refused for safety" in str(info.value) and "safetensors" in str(info.value)
+    with pytest.raises(ValueError, match="arbitrary Python objects"):
+        Teacher(NAME, weights=path, **TINY)
+    assert not marker.exists()
+    # Prove the payload is live: an unrestricted unpickler would have run it.
+    if writer == "pickle.dump":
+        with open(path, "rb") as f:
+            pickle.load(f)
+        assert marker.exists()
+
+
+def test_shape_mismatch_lists_keys(tmp_path):
+    path = _save(_source(embed_dim=48, num_heads=2).state_dict(), tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError) as info:
+        Teacher(NAME, weights=path, **TINY)
+    msg = str(info.value)
+    assert NAME in msg and "wide.safetensors" in msg and "shape mismatches" in msg
+    assert "cls_token: checkpoint (1, 1, 48) vs model (1, 1, 32)" in msg and "more)" in msg
+
+
+def test_missing_and_unexpected_keys_listed(tmp_path):
+    deeper = _save(_source(depth=5).state_dict(), tmp_path / "deep.safetensors")
+    with pytest.raises(ValueError, match=r"12 unexpected keys: blocks\.4\.") as info:
+        Teacher(NAME, weights=deeper, **TINY)
+    assert "(+2 more)" in str(info.value)
+    shallower = _save(_source(depth=3).state_dict(), tmp_path / "shallow.safetensors")
+    with pytest.raises(ValueError, match=r"12 missing keys: blocks\.3\."):
+        Teacher(NAME, weights=shallower, **TINY)
+
+
+def test_head_mismatch_needs_ignore_head(tmp_path):
+    src = _source(num_classes=5)
+    path = _save(src.state_dict(), tmp_path / "w5.safetensors")
+    with pytest.raises(ValueError, match="ignore_head=True") as info:
+        Teacher(NAME, weights=path, **TINY)
+    assert "head.weight" in str(info.value) and "head outputs: 5" in str(info.value)
+    teacher = Teacher(NAME, weights=path, ignore_head=True, **TINY)
+    x = _images()
+    with torch.no_grad():
+        ref = src.forward_features(x)
+    assert torch.allclose(teacher.forward_features_aligned(x, []).cls, ref[:, 0], atol=1e-6, rtol=0)
+    assert Teacher(NAME, weights=path, **{**TINY, "num_classes": 5})(x).shape == (2, 5)
+
+
+def _to_openai_clip(sd):
+    """timm CLIP ViT state dict -> OpenAI CLIP layout (inverse of timm's converter)."""
+    out = {"logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.zeros(8, 4)}
+    swaps = [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks."),
+             ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv.", "attn.in_proj_"),
+             ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    for k, v in sd.items():
+        if k == "cls_token":
+            out["visual.class_embedding"] = v[0, 0]
+        elif k == "pos_embed":
+            out["visual.positional_embedding"] = v[0]
+        elif k == "head.weight":
+            out["visual.proj"] = v.t()
+        elif k != "head.bias":
+            for a, b in swaps:
+                k = k.replace(a, b)
+            out["visual." + ("ln_post." + k[5:] if k.startswith("norm.") else k)] = v
+    return out
+
+
+def test_openai_clip_layout_goes_through_timm_filter(tmp_path):
+    name = "vit_base_patch16_clip_224"
+    src = _source(name, num_classes=16)
+    torch.nn.init.zeros_(src.head.bias)  # OpenAI's projection has no bias
+    path = _save(_to_openai_clip(src.state_dict()), tmp_path / "openai.pt")
+    teacher = Teacher(name, weights=path, **{**TINY, "num_classes": 16})
+    x = _images()
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), src(x), atol=1e-5, rtol=0)
+    # A different resolution needs the filter's pos-embed resampling (8x8 -> 12x12 grid).
+    big = Teacher(name, weights=path, **{**TINY, "num_classes": 16, "img_size": 48})
+    assert big.forward_features_aligned(_images(48, 48), [-1]).last.shape == (2, 144, 32)
+    assert teacher.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+# ----------------------------------------------------------------------------- model checks
+
+
+def test_rejects_non_vit_and_suggests_names():
+    with pytest.raises(ValueError, match="ViT-family timm model with patch tokens; got 'resnet18'"):
+        Teacher("resnet18")
+    with pytest.raises(ValueError, match="ViT-family.*got 'resnet18'"):
+        Teacher("resnet18", img_size=32)
+    with pytest.raises(ValueError, match="unknown timm model 'vit_tiny_patch16_2244'.*vit_tiny_patch16_224"):
+        Teacher("vit_tiny_patch16_2244")
+
+
+def test_properties():
+    teacher = Teacher("deit_tiny_distilled_patch16_224", **TINY)
+    assert (teacher.embed_dim, teacher.depth, teacher.patch_size) == (32, 4, (4, 4))
+    assert teacher.num_prefix_tokens == 2 and teacher.has_class_token
+    assert teacher.mean == pytest.approx(IMAGENET_MEAN) and teacher.std == pytest.approx(IMAGENET_STD)
+    no_cls = Teacher(NAME, class_token=False, global_pool="avg", **TINY)
+    assert no_cls.num_prefix_tokens == 0 and not no_cls.has_class_token
+    out = no_cls.forward_features_aligned(_images(), [0])
+    assert out.cls is None and out.stages[0].shape == (2, 64, 32)
+
+
+def test_frozen_under_training():
+    teacher = Teacher(NAME, drop_rate=0.5, drop_path_rate=0.5, **TINY)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert all(not p.requires_grad for p in teacher.parameters())
+    student = torch.nn.Linear(32, 32)
+    # Teacher params in the optimizer too: a frozen teacher must survive that mistake.
+    opt = torch.optim.AdamW(list(student.parameters()) + list(teacher.parameters()), lr=0.1, weight_decay=0.5)
+    teacher.train()
+    x = _images()
+    out = teacher.forward_features_aligned(x, [1, 3])
+    assert not out.last.requires_grad and not out.stages[0].requires_grad
+    loss = (student(out.stages[0]) - out.last).pow(2).mean() + student(out.cls).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    teacher.train(True)
+    assert not any(m.training for m in teacher.modules())
+    # Dropout/drop-path stay off, so repeated calls agree exactly.
+    assert torch.equal(teacher.forward_features_aligned(x, [3]).last, out.last)
+
+
+@pytest.mark.parametrize("depth,k,expected", [(12, 4, [2, 5, 8, 11]), (24, 4, [5, 11, 17, 23]), (12, 1, [11])])
+def test_stage_indices(depth, k, expected):
+    assert Teacher(NAME, **{**TINY, "depth": depth}).stage_indices(k) == expected
+
+
+def test_stage_indices_rejects_uneven_split():
+    with pytest.raises(ValueError, match=r"depth 10 into K=4.*\[1, 2, 5, 10\]"):
+        Teacher(NAME, **{**TINY, "depth": 10}).stage_indices(4)
+
+
+# ----------------------------------------------------------------------------- aligned features
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_native_grid_matches_manual_forward_in_raster_order(reg_tokens):
+    teacher = Teacher(NAME, reg_tokens=reg_tokens, **TINY)
+    npt = teacher.num_prefix_tokens
+    assert npt == 1 + reg_tokens
+    x = _images()
+    block2, final = _block_output(teacher, 2, x)
+    for grid in (None, (8, 8)):
+        out = teacher.forward_features_aligned(x, [2], out_grid=grid)
+        assert isinstance(out, TeacherOutput)
+        # timm puts the class token first, then registers; patch tokens follow in raster order.
+        assert torch.equal(out.stages[0], block2[:, npt:])
+        assert torch.equal(out.last, final[:, npt:])
+        assert torch.equal(out.cls, final[:, 0])
+    assert not torch.allclose(out.stages[0][:, 0], block2[:, 0])  # the class token is not a patch
+
+
+def test_non_square_resampling_keeps_row_major_layout(vit):
+    teacher = vit
+    x = _images(32, 48)  # dynamic size: native grid 8 x 12
+    native = teacher.forward_features_aligned(x, [1, 3])
+    assert native.stages[0].shape == (2, 96, 32)
+    out = teacher.forward_features_aligned(x, [3, 1], out_grid=(7, 5))
+    maps = native.stages[1].transpose(1, 2).reshape(2, 32, 8, 12)
+    expected = F.interpolate(maps, size=(7, 5), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.allclose(out.stages[0], expected.flatten(2).transpose(1, 2), atol=1e-6)
+    assert torch.equal(out.stages[1], teacher.forward_features_aligned(x, [1], out_grid=(7, 5)).stages[0])
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (7, 7), (4, 4), (16, 16)])
+def test_aligned_shapes(vit, grid):
+    teacher = vit
+    out = teacher.forward_features_aligned(_images(), teacher.stage_indices(2), out_grid=grid)
+    n = grid[0] * grid[1]
+    assert [s.shape for s in out.stages] == [(2, n, 32)] * 2
+    assert out.last.shape == (2, n, 32) and out.cls.shape == (2, 32)
+    assert all(s.is_contiguous() for s in out.stages)
+
+
+def test_constant_map_survives_resampling():
+    teacher = Teacher(NAME, **TINY)
+    torch.nn.init.zeros_(teacher.model.pos_embed)
+    # Identical patches and no position signal -> every token equal, at any grid.
+    out = teacher.forward_features_aligned(torch.ones(1, 3, 32, 32), [3], out_grid=(5, 3))
+    assert torch.allclose(out.stages[0], out.stages[0][:, :1].expand_as(out.stages[0]), atol=1e-5)
+
+
+def test_bad_stage_index(vit):
+    with pytest.raises(ValueError, match="out of range for depth 4"):
+        vit.forward_features_aligned(_images(), [4])
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def test_input_renormalisation_matches_manual():
+    teacher = Teacher(NAME, **TINY)
+    t_mean = torch.tensor(teacher.mean).view(1, 3, 1, 1)
+    t_std = torch.tensor(teacher.std).view(1, 3, 1, 1)
+    assert not torch.allclose(t_mean, torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    torch.manual_seed(2)
+    raw = torch.rand(2, 3, 32, 32)
+    data = (raw - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    manual = (raw - t_mean) / t_std
+    ref_logits, ref_feats = teacher(manual), teacher.forward_features_aligned(manual, [1])
+    teacher.set_input_normalization(IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(teacher.normalize_input(data), manual, atol=1e-5)
+    assert torch.allclose(teacher(data), ref_logits, atol=1e-4)
+    assert torch.allclose(teacher.forward_features_aligned(data, [1]).stages[0], ref_feats.stages[0], atol=1e-4)
+    assert "input_scale" not in teacher.state_dict() and "mean_kd" not in teacher.state_dict()
+    teacher.set_input_normalization()
+    assert torch.equal(teacher(manual), ref_logits)
+    teacher.set_input_normalization(teacher.mean, teacher.std)
+    assert teacher.normalize_input(manual) is manual
+    with pytest.raises(ValueError, match="both"):
+        teacher.set_input_normalization(IMAGENET_MEAN)
