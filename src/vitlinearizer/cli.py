@@ -1,0 +1,148 @@
+"""Command line: ``vitlinearizer train-teacher | distill | finetune | eval | predict | demo | bench``.
+
+Training commands read a YAML file (``--config``, see ``configs/``) and accept every key as an override,
+``--section.key VALUE`` (``vitlinearizer distill --help`` lists them all with their defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from . import config as C
+
+TRAINING_COMMANDS = {
+    "train-teacher": "train a timm ViT teacher from scratch with labels (the demo's teacher)",
+    "distill": "distil the teacher into a linear-time student (activation matching + masked prediction)",
+    "finetune": "fine-tune a (distilled) student with labels; without student.checkpoint: train from scratch",
+}
+
+
+def _type_name(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    hint = args[0] if args else hint
+    return getattr(hint, "__name__", str(hint)).upper()
+
+
+def _default_of(key: str):
+    cfg = C.RunConfig()
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def add_config_flags(parser: argparse.ArgumentParser, prefixes: tuple[str, ...] | None = None) -> None:
+    """One ``--section.key`` flag per config field; only flags given on the command line override the YAML."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, hint in C.all_keys().items():
+        section = key.split(".")[0] if "." in key else "run"
+        if prefixes is not None and section not in prefixes:
+            continue
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} options")
+        groups[section].add_argument(
+            f"--{key}", dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(hint),
+            help=f"{C.HELP.get(key, '')} (default: {_default_of(key)!r})",
+        )
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+
+
+def resolve_config(args: argparse.Namespace, command: str) -> C.RunConfig:
+    base = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+    values = C.merge(base, overrides_from(args))
+    values.setdefault("output_dir", f"runs/{command}")
+    return C.build_config(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitlinearizer",
+        description="Distil a ViT into a linear-time recurrent student, fine-tune, evaluate and benchmark it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    for name, text in TRAINING_COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", metavar="FILE", help="YAML config (sections: data, train, student, teacher, "
+                                                          "distill, finetune); flags override it")
+        p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in output_dir")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        add_config_flags(p)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of an exported model on a dataset split", formatter_class=fmt)
+    p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
+    p.add_argument("--split", default="test", choices=["test", "holdout", "train"], help="dataset split")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--config", metavar="FILE", help="YAML config whose data section is used")
+    add_config_flags(p, prefixes=("run", "data"))
+
+    p = sub.add_parser("predict", help="top-k labels for image files", formatter_class=fmt)
+    p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="labels per image")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    from .demo import add_demo_arguments
+    add_demo_arguments(sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST, with a report",
+                                      formatter_class=fmt))
+    from .bench import add_bench_arguments
+    add_bench_arguments(sub.add_parser("bench", help="speed and memory vs resolution, student vs teacher",
+                                       formatter_class=fmt))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (C.ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"vitlinearizer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"vitlinearizer {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import runner
+
+    if args.command in TRAINING_COMMANDS:
+        cfg = resolve_config(args, args.command)
+        if args.print_config:
+            print(C.dump_yaml(cfg))
+            return 0
+        stage = {"train-teacher": runner.train_teacher, "distill": runner.distill, "finetune": runner.finetune}
+        summary = stage[args.command](cfg, resume=args.resume)
+        if summary:
+            print(json.dumps({k: summary[k] for k in ("exported", "test", "steps") if k in summary}, indent=2,
+                             default=str))
+        return 0
+    if args.command == "eval":
+        cfg = resolve_config(args, "eval")
+        print(json.dumps(runner.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device), indent=2))
+        return 0
+    if args.command == "predict":
+        results = runner.predict(args.checkpoint, args.images, args.topk, args.device)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        for r in [] if args.json else results:
+            print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo_from_args
+        return run_demo_from_args(args)
+    if args.command == "bench":
+        from .bench import run_bench_from_args
+        return run_bench_from_args(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

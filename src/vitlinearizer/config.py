@@ -1,0 +1,316 @@
+"""Run configuration: nested dataclasses, YAML files, command-line overrides and strict checking.
+
+A run is configured by a YAML file (``configs/*.yaml``) whose top-level sections mirror :class:`RunConfig`;
+every field can be overridden on the command line as ``--section.field VALUE``. Unknown or mistyped keys and
+values of the wrong type are errors that name the key and what is allowed, raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import DataConfig
+from .distill import DistillConfig
+from .engine import TrainConfig
+
+
+@dataclass
+class StudentConfig:
+    model: str = "adventurer_nano_patch4_28"
+    mixer: str = "mamba2"
+    drop_path_rate: float = 0.0
+    model_kwargs: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "vit_tiny_patch16_224"
+    model_kwargs: dict = field(default_factory=dict)
+    weights: str | None = None
+    ignore_head: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    label_smoothing: float = 0.1
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.kd_weight < 0:
+            raise ValueError(f"finetune.kd_weight must be >= 0, got {self.kd_weight}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"finetune.kd_temperature must be > 0, got {self.kd_temperature}")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+HELP = {
+    "output_dir": "run directory: resolved config, metrics.jsonl, checkpoints, summary.json",
+    "device": "auto | cpu | cuda | cuda:N",
+    "data.name": "fashion_mnist | imagefolder | synthetic",
+    "data.root": "dataset folder (imagefolder: holds train/ and val/; fashion_mnist: Debian's idx files)",
+    "data.img_size": "input size: an int or [H, W]",
+    "data.mean": "normalisation mean (null: the dataset's default)",
+    "data.std": "normalisation std (null: the dataset's default)",
+    "data.augment": "timm | simple | none (simple: random-resized-crop 0.6-1 + flip)",
+    "data.auto_augment": "timm auto-augment policy for augment=timm, e.g. rand-m9-mstd0.5-inc1",
+    "data.re_prob": "random-erasing probability (augment=timm)",
+    "data.crop_pct": "eval centre-crop fraction",
+    "data.interpolation": "resize interpolation",
+    "data.holdout_fraction": "fraction of the training set held out for validation (never the test set)",
+    "data.max_train_samples": "use a class-balanced subset of this many training images",
+    "data.max_eval_samples": "use a class-balanced subset of this many evaluation images",
+    "data.num_classes": "classes of the synthetic dataset",
+    "data.synthetic_length": "images in the synthetic dataset",
+    "data.seed": "seed of the holdout split and subsets",
+    "data.strict": "fail on undecodable images instead of skipping them",
+    "data.verify": "imagefolder pre-scan: full | header | none",
+    "train.epochs": "training epochs",
+    "train.batch_size": "images per process per micro-batch",
+    "train.lr": "peak learning rate (AdamW)",
+    "train.min_lr": "final learning rate of the cosine schedule",
+    "train.warmup_epochs": "linear warm-up length in epochs",
+    "train.warmup_steps": "linear warm-up length in optimiser steps (overrides warmup_epochs)",
+    "train.weight_decay": "AdamW weight decay (not applied to norms, biases, tokens, position embeddings)",
+    "train.betas": "AdamW betas",
+    "train.eps": "AdamW epsilon",
+    "train.clip_grad": "gradient-norm clipping (null or 0: off)",
+    "train.accum_steps": "micro-batches accumulated per optimiser step",
+    "train.amp": "none | bf16 (autocast; recurrence state and losses stay float32)",
+    "train.ema_decay": "EMA of the weights (0: off); the EMA model is exported when on",
+    "train.seed": "seed of initialisation, data order, augmentation and masking",
+    "train.num_workers": "data-loader worker processes",
+    "train.log_every": "log metrics every N steps",
+    "train.save_every_steps": "also checkpoint every N steps (0: at epoch ends only)",
+    "train.max_bad_steps": "stop after this many consecutive non-finite losses",
+    "train.keep_checkpoints": "checkpoints kept on disk",
+    "train.drop_last": "drop the last incomplete batch of an epoch",
+    "train.progress": "show a progress bar",
+    "student.model": "student architecture (timm name, e.g. adventurer_small_patch16_224)",
+    "student.mixer": "token mixer: mamba2 | gla | hgrn",
+    "student.drop_path_rate": "stochastic-depth rate",
+    "student.model_kwargs": "extra keyword arguments for timm.create_model",
+    "student.checkpoint": "initial student weights (.safetensors), e.g. a distilled student for finetune",
+    "teacher.model": "teacher architecture (timm ViT name)",
+    "teacher.model_kwargs": "extra keyword arguments for the teacher's timm.create_model",
+    "teacher.weights": "local teacher weights (.safetensors / .pth / .bin)",
+    "teacher.ignore_head": "drop the checkpoint's classifier (e.g. other class count)",
+    "distill.objective": "both | act | mask | none (none: supervised only)",
+    "distill.mask_ratio": "fraction of student patch tokens replaced by the mask token, in (0, 1)",
+    "distill.mask_type": "random | block",
+    "distill.num_stages": "K stages for activation matching (must divide both depths)",
+    "distill.act_weight": "weight of activation matching",
+    "distill.mask_weight": "weight of masked prediction (lambda)",
+    "distill.act_tokens": "visible | all: tokens in the similarity maps",
+    "distill.row_block_size": "compute similarity maps in row blocks of this size (0: all at once)",
+    "distill.num_anchors": "k random anchor rows per image for activation matching (0: all rows)",
+    "distill.normalize_target": "LayerNorm teacher targets (no affine) for masked prediction",
+    "distill.smooth_l1_beta": "Smooth-L1 beta of masked prediction",
+    "distill.label_smoothing": "label smoothing when objective=none",
+    "finetune.label_smoothing": "cross-entropy label smoothing",
+    "finetune.kd_weight": "weight of logit distillation from the teacher (0: off)",
+    "finetune.kd_temperature": "logit-distillation temperature",
+}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: names the key and what is allowed."""
+
+
+def _sections(cls=RunConfig) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _suggest(key: str, allowed) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type, or raise ConfigError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} expects true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} expects a string, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping such as {{a: 1}}, got {value!r}")
+        return dict(value)
+    if origin in (tuple, list) or hint in (tuple, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list such as [0.9, 0.999], got {value!r}")
+        inner = [a for a in args if a is not Ellipsis]
+        if inner and len(set(inner)) == 1:
+            value = [coerce(v, inner[0], key) for v in value]
+        return tuple(value) if (origin or hint) is tuple else list(value)
+    return value
+
+
+def _build_section(cls, values: dict, prefix: str):
+    types_ = field_types(cls)
+    unknown = [k for k in values if k not in types_]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown key '{prefix}{key}'{_suggest(key, types_)}; allowed in '{prefix.rstrip('.') or 'top level'}': "
+            f"{', '.join(types_)}"
+        )
+    kwargs = {k: coerce(v, types_[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**{**_defaults(cls), **kwargs})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _defaults(cls) -> dict:
+    return {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(getattr(cls(), f.name))}
+
+
+def build_config(values: dict | None = None) -> RunConfig:
+    """A validated :class:`RunConfig` from a nested mapping (YAML contents merged with overrides)."""
+    values = dict(values or {})
+    sections = _sections()
+    top = {k: v for k, v in values.items() if k not in sections}
+    built = {}
+    for name, cls in sections.items():
+        section_values = values.get(name) or {}
+        if not isinstance(section_values, dict):
+            raise ConfigError(f"'{name}' must be a mapping of keys, got {section_values!r}")
+        built[name] = _build_section(cls, section_values, f"{name}.")
+    scalar_types = {k: v for k, v in field_types(RunConfig).items() if k not in sections}
+    unknown = [k for k in top if k not in scalar_types]
+    if unknown:
+        allowed = list(scalar_types) + list(sections)
+        raise ConfigError(f"unknown key '{unknown[0]}'{_suggest(unknown[0], allowed)}; allowed: {', '.join(allowed)}")
+    top = {k: coerce(v, scalar_types[k], k) for k, v in top.items()}
+    cfg = RunConfig(**top, **built)
+    for name in ("distill", "finetune"):
+        try:
+            getattr(cfg, name).validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    return values
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep-merge ``overrides`` (dotted keys allowed) into a copy of ``base``."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted}: '{p}' is not a section")
+        node[leaf] = value
+    return out
+
+
+def all_keys() -> dict[str, Any]:
+    """Every configurable dotted key with its type, in declaration order."""
+    keys = {}
+    sections = _sections()
+    for name, hint in field_types(RunConfig).items():
+        if name in sections:
+            for sub, sub_hint in field_types(sections[name]).items():
+                keys[f"{name}.{sub}"] = sub_hint
+        else:
+            keys[name] = hint
+    return keys
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

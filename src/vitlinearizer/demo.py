@@ -1,0 +1,203 @@
+"""`vitlinearizer demo`: the whole method on real Fashion-MNIST, end to end, with baselines and a report.
+
+Stages (each a run directory under ``--output-dir``; finished stages are reused, an interrupted one resumes):
+1. ``teacher``: a small timm ViT (patch 4) trained with labels — or ``--teacher-weights``;
+2. ``distill-*``: the Adventurer student distilled from it (activation matching + masked prediction, no labels);
+3. ``finetune-*``: that student fine-tuned with labels;
+4. ``scratch-*``: the same student trained with labels from scratch for the same total student epochs;
+5. CPU latency/throughput of teacher and student vs resolution; ``report.md`` and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import runner
+from .data import dataset_info
+from .config import build_config
+from .engine import TrainingInterrupted
+
+# The teacher is the ~2.7M-parameter ViT of the issue's sizing note; patch 4 on 28 px gives 49 tokens.
+DEMO_TEACHER = dict(model="vit_tiny_patch16_224", model_kwargs=dict(patch_size=4, embed_dim=192, depth=6, num_heads=3))
+
+
+@dataclass
+class Preset:
+    """How much of the pipeline to run. Epochs are per stage; scratch gets distill + finetune epochs."""
+
+    train_samples: int | None
+    eval_samples: int | None
+    teacher_epochs: int
+    distill_epochs: int
+    finetune_epochs: int
+    student: str = "adventurer_nano_patch4_28"
+    num_stages: int = 3  # depth-6 teacher and student: K=3 stages of 2 blocks
+    seeds: list[int] = field(default_factory=lambda: [0])
+    objectives: list[str] = field(default_factory=lambda: ["both"])
+    mixers: list[str] = field(default_factory=lambda: ["mamba2"])
+    latency_sizes: list[int] = field(default_factory=lambda: [28, 56, 112, 224])
+    batch_size: int = 128
+
+
+PRESETS = {
+    # ~13 min on 2 CPU cores: a 6k-image class-balanced training subset, the full 10k test set.
+    "quick": Preset(train_samples=6000, eval_samples=None, teacher_epochs=4, distill_epochs=3, finetune_epochs=2),
+    # The paper's ablation (objective none / mask / act / both), the other mixers, 3 seeds: several hours.
+    "full": Preset(train_samples=None, eval_samples=None, teacher_epochs=10, distill_epochs=6, finetune_epochs=4,
+                   seeds=[0, 1, 2], objectives=["none", "mask", "act", "both"], mixers=["mamba2", "gla", "hgrn"]),
+    # CI smoke test: a few hundred images, one short epoch per stage.
+    "tiny": Preset(train_samples=256, eval_samples=256, teacher_epochs=1, distill_epochs=1, finetune_epochs=1,
+                   latency_sizes=[28, 56], batch_size=64),
+}
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                        help="quick: ~15 min on 2 CPU cores; full: ablation + mixers + 3 seeds (hours); tiny: smoke test")
+    parser.add_argument("--output-dir", default="runs/demo", help="run directory of the demo")
+    parser.add_argument("--teacher-weights", metavar="FILE",
+                        help="use these ViT weights (matching the demo teacher) instead of training a teacher")
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's location)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+
+def run_demo_from_args(args: argparse.Namespace) -> int:
+    try:
+        run_demo(args.preset, Path(args.output_dir), args.teacher_weights, args.data_root, args.fresh, args.device)
+    except TrainingInterrupted as exc:
+        print(f"\ndemo interrupted ({exc}); finished stages are kept. Run the same command again to resume.",
+              file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _base_config(preset: Preset, data_root: str | None, device: str) -> dict:
+    return dict(
+        device=device,
+        data=dict(name="fashion_mnist", root=data_root, img_size=28, augment="simple", holdout_fraction=0.1,
+                  max_train_samples=preset.train_samples, max_eval_samples=preset.eval_samples),
+        train=dict(batch_size=preset.batch_size, lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, weight_decay=0.05,
+                   clip_grad=1.0, log_every=10),
+        teacher=copy.deepcopy(DEMO_TEACHER),
+        student=dict(model=preset.student),
+        distill=dict(num_stages=preset.num_stages),
+    )
+
+
+def _stage(name: str, run_dir: Path, values: dict, fn, log: list[dict]) -> dict:
+    """Run one stage, or reuse it when a previous run finished it; an interrupted stage resumes."""
+    stage_dir = run_dir / name
+    values = dict(values, output_dir=str(stage_dir))
+    summary_path = stage_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("complete"):
+            print(f"[demo] {name}: finished earlier, reusing {stage_dir}")
+            log.append(dict(stage=name, reused=True, wall_s=summary.get("wall_time_s", 0.0)))
+            return summary
+    resume = (stage_dir / "checkpoints").is_dir()
+    print(f"[demo] {name}: {'resuming' if resume else 'starting'} ({stage_dir})")
+    t0 = time.perf_counter()
+    summary = fn(build_config(values), resume=resume)
+    log.append(dict(stage=name, reused=False, wall_s=time.perf_counter() - t0))
+    return summary
+
+
+def run_demo(preset_name: str, run_dir: Path, teacher_weights: str | None = None, data_root: str | None = None,
+             fresh: bool = False, device: str = "auto") -> dict:
+    from .report import write_report
+
+    preset = PRESETS[preset_name]
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = _base_config(preset, data_root, device)
+    dataset_info(build_config(base).data)  # a missing dataset fails here, before any training
+    t_start, log = time.perf_counter(), []
+
+    if teacher_weights:
+        values = copy.deepcopy(base)
+        values["teacher"]["weights"] = teacher_file = teacher_weights
+        teacher_summary = {"test": runner.evaluate_teacher(build_config(values))}
+    else:
+        values = copy.deepcopy(base)
+        values["train"]["epochs"] = preset.teacher_epochs
+        teacher_summary = _stage("teacher", run_dir, values, runner.train_teacher, log)
+        teacher_file = str(run_dir / "teacher" / "teacher.safetensors")
+
+    results = {"teacher": {"summary": teacher_summary, "weights": teacher_file}}
+    for mixer in preset.mixers:
+        for seed in preset.seeds:
+            for objective in preset.objectives:
+                tag = f"{objective}-{mixer}-s{seed}"
+                values = copy.deepcopy(base)
+                values["student"]["mixer"] = mixer
+                values["train"].update(seed=seed)
+                if objective == "none":  # the supervised baseline: scratch training, same total student epochs
+                    values["train"]["epochs"] = preset.distill_epochs + preset.finetune_epochs
+                    results[f"scratch-{mixer}-s{seed}"] = _stage(f"scratch-{mixer}-s{seed}", run_dir, values,
+                                                                 runner.finetune, log)
+                    continue
+                values["teacher"]["weights"] = teacher_file
+                values["distill"]["objective"] = objective
+                values["train"]["epochs"] = preset.distill_epochs
+                _stage(f"distill-{tag}", run_dir, values, runner.distill, log)
+                values = copy.deepcopy(values)
+                values["student"]["checkpoint"] = str(run_dir / f"distill-{tag}" / "student.safetensors")
+                values["train"].update(epochs=preset.finetune_epochs, lr=5e-4)
+                results[f"finetune-{tag}"] = _stage(f"finetune-{tag}", run_dir, values, runner.finetune, log)
+            if "none" not in preset.objectives:
+                values = copy.deepcopy(base)
+                values["student"]["mixer"] = mixer
+                values["train"].update(seed=seed, epochs=preset.distill_epochs + preset.finetune_epochs)
+                results[f"scratch-{mixer}-s{seed}"] = _stage(f"scratch-{mixer}-s{seed}", run_dir, values,
+                                                             runner.finetune, log)
+
+    t0 = time.perf_counter()
+    values = copy.deepcopy(base)
+    values["teacher"]["weights"] = teacher_file
+    student_file = run_dir / f"finetune-{preset.objectives[-1]}-{preset.mixers[0]}-s{preset.seeds[0]}" / "student.safetensors"
+    latency = latency_vs_resolution(runner.build_teacher(build_config(values), 10, None, None),
+                                    runner.load_exported_model(student_file)[0], preset.latency_sizes)
+    log.append(dict(stage="latency", reused=False, wall_s=time.perf_counter() - t0))
+    report = write_report(run_dir, preset_name, preset, results, latency, log, time.perf_counter() - t_start)
+    print(report["table"])
+    print(f"[demo] report: {run_dir / 'report.md'}")
+    return report
+
+
+def _median_time(model, x: torch.Tensor, repeats: int) -> float:
+    times = []
+    with torch.inference_mode():
+        model(x)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def latency_vs_resolution(teacher, student, sizes: list[int], throughput_batch: int = 32, repeats: int = 5) -> list[dict]:
+    """CPU batch-1 latency and batch throughput of teacher and student, measured alternately in this process
+    (ratios are what matter; ``vitlinearizer bench`` measures each configuration in a fresh process)."""
+    rows = []
+    for size in tqdm(sizes, desc="latency", leave=False):
+        row = {"size": size, "tokens": (size // 4) ** 2}
+        x1, xb = torch.randn(1, 3, size, size), torch.randn(throughput_batch, 3, size, size)
+        for name, model in (("teacher", teacher.eval()), ("student", student.eval())):
+            row[f"{name}_latency_ms"] = 1e3 * _median_time(model, x1, repeats)
+            row[f"{name}_img_per_s"] = throughput_batch / _median_time(model, xb, max(2, repeats // 2))
+        row["speedup"] = row["teacher_latency_ms"] / row["student_latency_ms"]
+        rows.append(row)
+    return rows

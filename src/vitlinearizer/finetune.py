@@ -1,0 +1,53 @@
+"""Supervised training task: cross-entropy with label smoothing, plus optional logit distillation from a teacher.
+
+Used to train the demo teacher from scratch, to fine-tune a distilled student, and for the from-scratch
+baseline; it follows the task protocol of :class:`vitlinearizer.engine.Trainer`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .objectives import logit_kd_loss
+
+
+class ClassificationTask(nn.Module):
+    """``forward(images, labels) -> dict(loss, ce[, kd])`` training ``student`` (any timm classifier).
+
+    Args:
+        student: the model trained and exported.
+        label_smoothing: cross-entropy label smoothing.
+        teacher: optional frozen classifier (same classes) for logit distillation.
+        kd_weight: loss = (1 - kd_weight) * CE + kd_weight * KD(teacher || student).
+        kd_temperature: softmax temperature of the distillation term.
+    """
+
+    frozen_prefixes = ("teacher.",)
+
+    def __init__(self, student: nn.Module, label_smoothing: float = 0.1, teacher: nn.Module | None = None,
+                 kd_weight: float = 0.0, kd_temperature: float = 1.0):
+        super().__init__()
+        if kd_weight > 0 and teacher is None:
+            raise ValueError("finetune.kd_weight > 0 needs a teacher (set teacher.weights)")
+        self.student = student
+        self.teacher = teacher if kd_weight > 0 else None
+        self.label_smoothing, self.kd_weight, self.kd_temperature = label_smoothing, kd_weight, kd_temperature
+
+    def no_weight_decay(self) -> set[str]:
+        names = self.student.no_weight_decay() if hasattr(self.student, "no_weight_decay") else set()
+        return {f"student.{n}" for n in names}
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.student(images).float()
+        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        out = {"ce": ce.detach(), "acc": (logits.argmax(-1) == labels).float().mean()}
+        if self.teacher is None:
+            out["loss"] = ce
+            return out
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()
+        kd = logit_kd_loss(logits, teacher_logits, self.kd_temperature)
+        out["kd"] = kd.detach()
+        out["loss"] = (1 - self.kd_weight) * ce + self.kd_weight * kd
+        return out

@@ -1,0 +1,198 @@
+"""The demo's report: a results table, latency vs resolution, wall time per stage, configs and PNG plots."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import safetensors
+import torch
+
+from .checkpoint import write_text_atomic
+
+
+def _param_count(path: Path) -> int:
+    with safetensors.safe_open(str(path), "pt") as f:
+        return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys() if k != "mask_token")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.python_version()}"
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _group(results: dict) -> dict[str, dict]:
+    """Group stage summaries over seeds: 'finetune-both-mamba2-s1' -> 'finetune-both-mamba2'."""
+    groups: dict[str, dict] = {}
+    for name, summary in results.items():
+        if name == "teacher":
+            continue
+        key = name.rsplit("-s", 1)[0]
+        g = groups.setdefault(key, {"test": [], "holdout": [], "exported": summary.get("exported")})
+        g["test"].append(summary["test"]["top1"])
+        if summary.get("last_eval"):
+            g["holdout"].append(summary["last_eval"]["holdout_top1"])
+    return groups
+
+
+def _label(key: str) -> str:
+    kind, *rest = key.split("-")
+    if kind == "scratch":
+        return f"Student from scratch ({rest[0]})"
+    objective, mixer = rest
+    what = {"both": "act + mask", "act": "act only", "mask": "mask only"}[objective]
+    return f"Distilled student, {what} ({mixer})"
+
+
+def results_table(results: dict) -> tuple[str, dict]:
+    teacher = results["teacher"]
+    rows = ["| Model | Params | Holdout top-1 | Test top-1 | Runs |", "|---|---|---|---|---|"]
+    t_test = [teacher["summary"]["test"]["top1"]]
+    t_hold = [teacher["summary"]["last_eval"]["holdout_top1"]] if teacher["summary"].get("last_eval") else []
+    t_params = _param_count(Path(teacher["weights"]))
+    rows.append(f"| Teacher ViT (patch 4) | {t_params / 1e6:.2f}M | {_fmt(t_hold)} | {_fmt(t_test)} | 1 |")
+    groups = _group(results)
+    for key in sorted(groups, key=lambda k: (not k.startswith("finetune-both"), k)):
+        g = groups[key]
+        params = _param_count(Path(g["exported"])) if g["exported"] else 0
+        rows.append(f"| {_label(key)} | {params / 1e6:.2f}M | {_fmt(g['holdout'])} | {_fmt(g['test'])} | {len(g['test'])} |")
+    return "\n".join(rows), groups
+
+
+def _metrics(stage_dir: Path) -> list[dict]:
+    path = stage_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_plots(run_dir: Path, results: dict, groups: dict, latency: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for kind, ax in zip(("teacher", "distill", "finetune|scratch"), axes):
+        for stage_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+            if not any(stage_dir.name.startswith(k) for k in kind.split("|")):
+                continue
+            rows = [r for r in _metrics(stage_dir) if "loss" in r]
+            if rows:
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=stage_dir.name)
+        ax.set(title=f"{kind} loss", xlabel="optimiser step", ylabel="loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss_curves.png", dpi=110)
+    written.append("loss_curves.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = ["teacher"] + list(groups)
+    means = [results["teacher"]["summary"]["test"]["top1"]] + [statistics.fmean(g["test"]) for g in groups.values()]
+    errs = [0.0] + [statistics.stdev(g["test"]) if len(g["test"]) > 1 else 0.0 for g in groups.values()]
+    ax.bar(range(len(names)), means, yerr=errs, color=["tab:gray"] + ["tab:blue"] * len(groups), capsize=3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(min(means) - 5, min(100, max(means) + 2))
+    ax.set(ylabel="test top-1 (%)", title="Accuracy per model")
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy.png", dpi=110)
+    written.append("accuracy.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tokens = [r["tokens"] for r in latency]
+    for who in ("teacher", "student"):
+        ax.loglog(tokens, [r[f"{who}_latency_ms"] for r in latency], "o-", label=who)
+    ax.set(xlabel="tokens (log)", ylabel="batch-1 latency, ms (log)", title="CPU latency vs resolution")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "latency.png", dpi=110)
+    written.append("latency.png")
+    plt.close(fig)
+    return written
+
+
+def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency: list[dict], log: list[dict],
+                 total_wall_s: float) -> dict:
+    table, groups = results_table(results)
+    latency_rows = ["| Size | Tokens | Teacher ms | Student ms | Speed-up | Teacher img/s | Student img/s |",
+                    "|---|---|---|---|---|---|---|"]
+    for r in latency:
+        latency_rows.append(
+            f"| {r['size']}² | {r['tokens']} | {r['teacher_latency_ms']:.1f} | {r['student_latency_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['teacher_img_per_s']:.0f} | {r['student_img_per_s']:.0f} |")
+    stage_rows = ["| Stage | Wall time | Reused |", "|---|---|---|"]
+    stage_rows += [f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {'yes' if s['reused'] else 'no'} |" for s in log]
+    plots = write_plots(run_dir, results, groups, latency)
+    configs = []
+    for name in ("teacher", f"distill-{preset.objectives[-1]}-{preset.mixers[0]}-s{preset.seeds[0]}",
+                 f"finetune-{preset.objectives[-1]}-{preset.mixers[0]}-s{preset.seeds[0]}",
+                 f"scratch-{preset.mixers[0]}-s{preset.seeds[0]}"):
+        path = run_dir / name / "config.yaml"
+        if path.is_file():
+            configs.append(f"<details><summary>{name}</summary>\n\n```yaml\n{path.read_text()}```\n</details>\n")
+    train = "all" if preset.train_samples is None else f"a class-balanced subset of {preset.train_samples}"
+    text = f"""# ViT-Linearizer demo report ({preset_name} preset)
+
+Date {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, machine: {machine()}.
+Total wall time {total_wall_s / 60:.1f} min.
+
+Data: Fashion-MNIST (Debian `dataset-fashion-mnist`), 28x28, {train} training images (10% of the training set is
+held out for validation: the holdout column), the {'full 10k' if preset.eval_samples is None else preset.eval_samples}
+test set (the test column; never used for any choice). Teacher: timm ViT, width 192, depth 6, patch 4 (49 tokens),
+{preset.teacher_epochs} epochs. Student: `{preset.student}`, distilled for {preset.distill_epochs} epochs
+(K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for {preset.finetune_epochs}; the scratch
+student gets {preset.distill_epochs + preset.finetune_epochs} supervised epochs (equal student epochs).
+Seeds: {preset.seeds}.
+
+## Results
+
+{table}
+
+![accuracy](accuracy.png)
+
+## Latency vs resolution (CPU, batch 1; throughput at batch 32)
+
+{chr(10).join(latency_rows)}
+
+![latency](latency.png)
+
+## Training curves
+
+![loss curves](loss_curves.png)
+
+## Wall time per stage
+
+{chr(10).join(stage_rows)}
+
+## Configs used
+
+{chr(10).join(configs)}
+"""
+    write_text_atomic(run_dir / "report.md", text)
+    summary = {"preset": preset_name, "results": {k: {"test": g["test"], "holdout": g["holdout"]} for k, g in groups.items()},
+               "teacher_test": results["teacher"]["summary"]["test"]["top1"], "latency": latency, "stages": log,
+               "total_wall_s": total_wall_s, "plots": plots}
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    return {"table": table, **summary}

@@ -1,0 +1,257 @@
+"""The pipeline stages behind the CLI: train a teacher, distil, fine-tune, evaluate, predict.
+
+Each stage takes a validated :class:`RunConfig`, writes a run directory (``config.yaml``, ``metrics.jsonl``,
+``checkpoints/``, an exported ``.safetensors`` model and ``summary.json``) and returns the summary.
+Exported models carry their own description in the safetensors metadata (architecture, classes,
+preprocessing), so ``eval`` and ``predict`` need nothing but the file.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import safetensors
+import timm
+import torch
+import torch.nn as nn
+
+from . import models  # noqa: F401  (registers the students with timm)
+from .checkpoint import export_student, write_text_atomic
+from .config import RunConfig, dump_yaml
+from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
+from .distill import DistillationTask
+from .engine import Trainer, cleanup_distributed, evaluate_classifier
+from .finetune import ClassificationTask
+from .teacher import Teacher, load_state_dict_safely
+
+METADATA_KEY = "vitlinearizer"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+    return device
+
+
+def _img_size(data: DataConfig) -> tuple[int, int]:
+    size = data.img_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataConfig, info: dict) -> dict:
+    return {
+        "kind": kind,
+        "model": model_name,
+        "model_kwargs": model_kwargs,
+        "num_classes": info["num_classes"],
+        "classes": list(info["class_names"]),
+        "img_size": list(_img_size(data)),
+        "mean": list(info["mean"]),
+        "std": list(info["std"]),
+        "interpolation": data.interpolation,
+        "crop_pct": data.crop_pct,
+    }
+
+
+def export_model(model: nn.Module, path: Path, metadata: dict) -> Path:
+    """Export weights with their description; the file stays a plain timm state dict."""
+    path = export_student(model, path)
+    tensors = safetensors.torch.load_file(str(path))
+    tmp = path.with_suffix(".meta-tmp")
+    safetensors.torch.save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected an exported .safetensors model (the run directory's student.safetensors)")
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get(METADATA_KEY)
+    if meta is None:
+        raise ValueError(f"{path} has no vitlinearizer metadata; export it with `vitlinearizer distill/finetune`")
+    return json.loads(meta)
+
+
+def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
+    meta = read_metadata(path)
+    kwargs = dict(meta["model_kwargs"])
+    model = timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
+    state = load_state_dict_safely(path)
+    if hasattr(model, "mask_token") and model.mask_token is None:
+        state.pop("mask_token", None)
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def _datasets(cfg: RunConfig):
+    info = dataset_info(cfg.data)
+    train = build_dataset(cfg.data, "train")
+    holdout = build_dataset(cfg.data, "holdout") if cfg.data.holdout_fraction > 0 else None
+    return info, train, holdout
+
+
+def _write_config(cfg: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+
+
+def _fit(task: nn.Module, train_ds, holdout, cfg: RunConfig, resume: bool, run_dir: Path, evaluate: bool) -> dict:
+    device = resolve_device(cfg.device)
+    eval_fn = None
+    if evaluate and holdout is not None:
+        def eval_fn(model):
+            return {f"holdout_{k}": v for k, v in evaluate_classifier(model, holdout, cfg.train.batch_size * 2).items()}
+    trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=device)
+    try:
+        summary = trainer.fit(resume=resume)
+    finally:
+        cleanup_distributed()
+    trained = trainer.ema.module if trainer.ema is not None else task.student
+    return summary, trained, trainer.rank
+
+
+def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, test_split: bool = True) -> dict:
+    if test_split:
+        test = build_dataset(cfg.data, "test")
+        summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2)
+    summary["complete"] = not summary.get("interrupted", False)
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.Module:
+    kwargs = dict(cfg.student.model_kwargs)
+    kwargs.update(mixer=cfg.student.mixer, drop_path_rate=cfg.student.drop_path_rate)
+    try:
+        model = timm.create_model(cfg.student.model, num_classes=num_classes, img_size=_img_size(cfg.data),
+                                  use_mask_token=use_mask_token, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise ValueError(f"student.model {cfg.student.model!r} is unknown; choose one of "
+                             f"{', '.join(timm.list_models('adventurer*'))}") from exc
+        raise
+    if cfg.student.checkpoint:
+        state = load_state_dict_safely(cfg.student.checkpoint)
+        if not use_mask_token:
+            state.pop("mask_token", None)
+        head = {k for k in state if k.startswith("head.")}
+        if any(state[k].shape != v.shape for k, v in model.state_dict().items() if k in head):
+            state = {k: v for k, v in state.items() if k not in head}  # another class count: keep our new head
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if not k.startswith(("head.", "mask_token"))] + list(unexpected)
+        if bad:
+            raise ValueError(f"student.checkpoint {cfg.student.checkpoint} does not fit {cfg.student.model}: {bad[:10]}")
+    return model
+
+
+def build_teacher(cfg: RunConfig, num_classes: int, data_mean, data_std) -> Teacher:
+    if not cfg.teacher.weights:
+        warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher", stacklevel=2)
+    teacher = Teacher(cfg.teacher.model, weights=cfg.teacher.weights, img_size=_img_size(cfg.data),
+                      num_classes=num_classes, ignore_head=cfg.teacher.ignore_head, **cfg.teacher.model_kwargs)
+    teacher.set_input_normalization(data_mean, data_std)
+    return teacher
+
+
+def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
+    """Supervised training of a timm ViT teacher from scratch (the demo's teacher)."""
+    run_dir = Path(cfg.output_dir)
+    info, train_ds, holdout = _datasets(cfg)
+    model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
+                              **cfg.teacher.model_kwargs)
+    task = ClassificationTask(model, label_smoothing=cfg.finetune.label_smoothing)
+    _write_config(cfg, run_dir)
+    summary, trained, rank = _fit(task, train_ds, holdout, cfg, resume, run_dir, evaluate=True)
+    if rank == 0:
+        meta = model_metadata("teacher", cfg.teacher.model, cfg.teacher.model_kwargs, cfg.data, info)
+        summary["exported"] = str(export_model(trained, run_dir / "teacher.safetensors", meta))
+        summary = _finish(summary, run_dir, trained, cfg)
+    return summary
+
+
+def distill(cfg: RunConfig, resume: bool = False) -> dict:
+    """Distil the teacher into the student (activation matching + masked prediction); no labels used."""
+    run_dir = Path(cfg.output_dir)
+    info, train_ds, _ = _datasets(cfg)
+    student = build_student(cfg, info["num_classes"], use_mask_token=True)
+    teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
+    task = DistillationTask(student, teacher, cfg.distill)
+    _write_config(cfg, run_dir)
+    summary, trained, rank = _fit(task, train_ds, None, cfg, resume, run_dir, evaluate=False)
+    if rank == 0:
+        kwargs = dict(cfg.student.model_kwargs, mixer=cfg.student.mixer)
+        meta = model_metadata("distilled-student", cfg.student.model, kwargs, cfg.data, info)
+        summary["exported"] = str(export_model(trained, run_dir / "student.safetensors", meta))
+        summary = _finish(summary, run_dir, trained, cfg, test_split=False)
+    return summary
+
+
+def finetune(cfg: RunConfig, resume: bool = False) -> dict:
+    """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint."""
+    run_dir = Path(cfg.output_dir)
+    info, train_ds, holdout = _datasets(cfg)
+    student = build_student(cfg, info["num_classes"], use_mask_token=False)
+    teacher = None
+    if cfg.finetune.kd_weight > 0:
+        teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
+    task = ClassificationTask(student, cfg.finetune.label_smoothing, teacher, cfg.finetune.kd_weight,
+                              cfg.finetune.kd_temperature)
+    _write_config(cfg, run_dir)
+    summary, trained, rank = _fit(task, train_ds, holdout, cfg, resume, run_dir, evaluate=True)
+    if rank == 0:
+        kwargs = dict(cfg.student.model_kwargs, mixer=cfg.student.mixer)
+        meta = model_metadata("student", cfg.student.model, kwargs, cfg.data, info)
+        summary["exported"] = str(export_model(trained, run_dir / "student.safetensors", meta))
+        summary = _finish(summary, run_dir, trained, cfg)
+    return summary
+
+
+def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
+    """Accuracy of the configured teacher (``teacher.weights``) on a split of ``cfg.data``."""
+    info = dataset_info(cfg.data)
+    teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
+    return evaluate_classifier(teacher, build_dataset(cfg.data, split), cfg.train.batch_size * 2)
+
+
+def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batch_size: int = 256,
+             device: str = "auto") -> dict:
+    """Top-1/top-5 of an exported model on a split of ``data`` (preprocessing from the model's metadata)."""
+    model, meta = load_exported_model(checkpoint, resolve_device(device))
+    data.img_size = tuple(meta["img_size"]) if data.img_size == DataConfig().img_size else data.img_size
+    data.mean, data.std = meta["mean"], meta["std"]
+    data.validate()
+    dataset = build_dataset(data, split)
+    if dataset.num_classes != meta["num_classes"]:
+        raise ValueError(f"the data has {dataset.num_classes} classes but the model predicts {meta['num_classes']}")
+    result = evaluate_classifier(model, dataset, batch_size)
+    return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
+
+
+def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto") -> list[dict]:
+    """Top-k labels with probabilities for image files."""
+    model, meta = load_exported_model(checkpoint, resolve_device(device))
+    data = DataConfig(name="synthetic", img_size=tuple(meta["img_size"]), mean=meta["mean"], std=meta["std"],
+                      interpolation=meta["interpolation"], crop_pct=meta["crop_pct"])
+    transform = build_transform(data, train=False)
+    k = min(topk, meta["num_classes"])
+    results = []
+    for path in images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        x = transform(load_rgb(path)).unsqueeze(0).to(next(model.parameters()).device)
+        with torch.no_grad():
+            probs = model(x).float().softmax(-1)[0]
+        top = probs.topk(k)
+        results.append({"image": str(path), "top": [
+            {"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist())
+        ]})
+    return results
