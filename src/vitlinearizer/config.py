@@ -6,6 +6,7 @@ values of the wrong type are errors that name the key and what is allowed, raise
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import types
@@ -167,8 +168,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if hint is Any:
-        return value
+    if hint is Any:  # e.g. data.img_size: an int or [H, W]; command-line strings are read as YAML
+        return yaml.safe_load(value) if isinstance(value, str) else value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -203,7 +204,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a mapping such as {{a: 1}}, got {value!r}")
         return dict(value)
-    if origin in (tuple, list) or hint in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
         if isinstance(value, str):
             value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
         if not isinstance(value, (list, tuple)):

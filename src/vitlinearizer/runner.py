@@ -138,6 +138,7 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
             raise ValueError(f"student.model {cfg.student.model!r} is unknown; choose one of "
                              f"{', '.join(timm.list_models('adventurer*'))}") from exc
         raise
+    model.patch_grid(*_img_size(cfg.data))  # a resolution that does not fit the patch size fails here
     if cfg.student.checkpoint:
         state = load_state_dict_safely(cfg.student.checkpoint)
         if not use_mask_token:

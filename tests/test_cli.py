@@ -1,0 +1,134 @@
+"""The CLI end to end on tiny synthetic data: every command, config checking, and the exported files."""
+import json
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from PIL import Image
+
+import vitlinearizer  # noqa: F401
+from vitlinearizer.cli import main
+from vitlinearizer.config import HELP, all_keys
+
+TINY = [
+    "--data.name", "synthetic", "--data.img_size", "28", "--data.synthetic_length", "48", "--data.num_classes", "3",
+    "--data.holdout_fraction", "0.25",
+    "--train.epochs", "1", "--train.batch_size", "8", "--train.progress", "false",
+    "--teacher.model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+    "--student.model_kwargs", "{depth: 2, embed_dim: 32, mixer_kwargs: {d_state: 8, head_dim: 16}}",
+    "--distill.num_stages", "2",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """train-teacher -> distill -> finetune, once for the module."""
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["train-teacher", *TINY, "--output_dir", str(root / "teacher")]) == 0
+    teacher = root / "teacher" / "teacher.safetensors"
+    assert main(["distill", *TINY, "--output_dir", str(root / "distill"), "--teacher.weights", str(teacher)]) == 0
+    distilled = root / "distill" / "student.safetensors"
+    assert main(["finetune", *TINY, "--output_dir", str(root / "finetune"), "--student.checkpoint", str(distilled)]) == 0
+    return root
+
+
+def test_every_run_directory_is_complete(pipeline):
+    for stage, exported in (("teacher", "teacher"), ("distill", "student"), ("finetune", "student")):
+        run = pipeline / stage
+        assert (run / f"{exported}.safetensors").is_file()
+        assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").read_text().strip()
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["complete"] and summary["steps"] == 4  # 36 training images / batch 8
+        assert any((run / "checkpoints").glob("step_*"))
+    assert 0 <= json.loads((pipeline / "finetune" / "summary.json").read_text())["test"]["top1"] <= 100
+
+
+def test_distilled_student_loads_with_timm(pipeline):
+    path = pipeline / "distill" / "student.safetensors"
+    state = safetensors.torch.load_file(str(path))
+    model = timm.create_model("adventurer_nano_patch4_28", pretrained=True, num_classes=3, depth=2, embed_dim=32,
+                              mixer_kwargs=dict(d_state=8, head_dim=16),
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_eval_and_predict(pipeline, tmp_path, capsys):
+    ckpt = str(pipeline / "finetune" / "student.safetensors")
+    assert main(["eval", "--checkpoint", ckpt, "--data.name", "synthetic", "--data.synthetic_length", "48",
+                 "--data.num_classes", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((pipeline / "finetune" / "summary.json").read_text())
+    assert result["n"] == 48 and result["top1"] == pytest.approx(summary["test"]["top1"])
+    images = []
+    for i, mode in enumerate(["RGB", "L", "RGBA"]):
+        images.append(tmp_path / f"img{i}.png")
+        Image.new(mode, (40, 31), color=100 if mode == "L" else (10 * i, 80, 200, 255)[: len(mode)]).save(images[-1])
+    assert main(["predict", "--checkpoint", ckpt, "--topk", "2", "--json", *map(str, images)]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [len(p["top"]) for p in preds] == [2, 2, 2]
+    assert all(0 <= t["prob"] <= 1 and t["label"].startswith("class") for p in preds for t in p["top"])
+
+
+def test_resume_reproduces_uninterrupted_run(pipeline, tmp_path):
+    """`--resume` after the run finished epoch 1 of 2 ends where the uninterrupted 2-epoch run ends."""
+    teacher = str(pipeline / "teacher" / "teacher.safetensors")
+    args = [*TINY, "--teacher.weights", teacher, "--train.epochs", "2"]
+    assert main(["distill", *args, "--output_dir", str(tmp_path / "full")]) == 0
+    # Same schedule (2 epochs) but stopped after epoch 1: keep only the epoch-1 checkpoint of the full run.
+    import shutil
+    partial = tmp_path / "partial" / "checkpoints"
+    partial.mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000004", partial / "step_00000004")
+    (partial / "latest").write_text("step_00000004")
+    assert main(["distill", *args, "--output_dir", str(tmp_path / "partial"), "--resume"]) == 0
+    a = safetensors.torch.load_file(str(tmp_path / "full" / "student.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "partial" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--train.lrr", "1e-3"], "unrecognized arguments: --train.lrr"),
+    (["--train.lr", "fast"], "train.lr expects a number, got 'fast'"),
+    (["--train.lr", "-1"], "lr must be > 0"),
+    (["--distill.mask_ratio", "1.5"], r"mask_ratio must be in \(0, 1\)"),
+    (["--distill.objective", "kd"], "objective must be one of"),
+    (["--student.mixer", "rwkv"], "unknown mixer 'rwkv'"),
+    (["--data.img_size", "30"], "not a multiple of the patch size"),
+    (["--train.batch_size", "64"], "too small for one step of batch_size=64"),
+])
+def test_bad_input_fails_before_training(tmp_path, args, message, capsys):
+    argv = ["distill", *TINY, "--output_dir", str(tmp_path / "bad"), *args]
+    with pytest.raises(SystemExit) if "unrecognized" in message else _no_raise():
+        code = main(argv)
+        assert code == 2
+    err = capsys.readouterr().err
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_yaml_config_unknown_key_is_named(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epoch: 3\n")
+    assert main(["distill", "--config", str(cfg), *TINY]) == 2
+    assert "unknown key 'train.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    assert set(all_keys()) <= set(HELP), set(all_keys()) - set(HELP)
+    out = subprocess.run([sys.executable, "-m", "vitlinearizer", "distill", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for key in all_keys():
+        assert f"--{key}" in out, key
