@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "distill, finetune); flags override it")
         p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in output_dir")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--dry-run", action="store_true",
+                       help="run the configured models at their true sizes on 2 synthetic images for 2 steps "
+                            "(random weights; writes to OUTPUT_DIR-dry-run): checks a config without its data")
         add_config_flags(p)
 
     p = sub.add_parser("eval", help="top-1/top-5 of an exported model on a dataset split", formatter_class=fmt)
@@ -121,6 +124,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.print_config:
             print(C.dump_yaml(cfg))
             return 0
+        if args.dry_run:
+            import warnings
+            warnings.filterwarnings("ignore", message="teacher.weights is not set")
+            cfg = runner.dry_run_config(cfg, cfg.output_dir.rstrip("/") + "-dry-run")
         stage = {"train-teacher": runner.train_teacher, "distill": runner.distill, "finetune": runner.finetune}
         summary = stage[args.command](cfg, resume=args.resume)
         if summary:

@@ -7,6 +7,7 @@ preprocessing), so ``eval`` and ``predict`` need nothing but the file.
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from .data import DataConfig, build_dataset, build_transform, dataset_info, load
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
+from .models.adventurer import checkpoint_filter_fn
 from .teacher import Teacher, load_state_dict_safely
 
 METADATA_KEY = "vitlinearizer"
@@ -143,6 +145,7 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
         state = load_state_dict_safely(cfg.student.checkpoint)
         if not use_mask_token:
             state.pop("mask_token", None)
+        state = checkpoint_filter_fn(state, model)  # resamples the position embedding to this resolution
         head = {k for k in state if k.startswith("head.")}
         if any(state[k].shape != v.shape for k, v in model.state_dict().items() if k in head):
             state = {k: v for k, v in state.items() if k not in head}  # another class count: keep our new head
@@ -160,6 +163,23 @@ def build_teacher(cfg: RunConfig, num_classes: int, data_mean, data_std) -> Teac
                       num_classes=num_classes, ignore_head=cfg.teacher.ignore_head, **cfg.teacher.model_kwargs)
     teacher.set_input_normalization(data_mean, data_std)
     return teacher
+
+
+def dry_run_config(cfg: RunConfig, output_dir: str) -> RunConfig:
+    """The same models at their true sizes and resolution, on 2 synthetic images for 2 steps of batch 1: checks
+    a preset end to end without its data, weights or hardware (teacher and student start from random weights)."""
+    cfg = copy.deepcopy(cfg)
+    num_classes = dataset_info(cfg.data)["num_classes"] if cfg.data.name != "imagefolder" else 1000
+    cfg.data = DataConfig(name="synthetic", img_size=cfg.data.img_size, num_classes=num_classes, synthetic_length=2,
+                          holdout_fraction=0.0, augment=cfg.data.augment, mean=cfg.data.mean, std=cfg.data.std)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.accum_steps = 1, 1, 1
+    cfg.train.num_workers, cfg.train.warmup_epochs, cfg.train.warmup_steps = 0, 0.0, None
+    cfg.train.save_every_steps = 0
+    if resolve_device(cfg.device).type == "cpu":
+        cfg.train.amp = "none"
+    cfg.teacher.weights = cfg.student.checkpoint = None
+    cfg.output_dir = output_dir
+    return cfg
 
 
 def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
