@@ -17,12 +17,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Tests that read Fashion-MNIST skip when it is absent; as root the package is installed first.
 test: install
+	-@$(MAKE) --no-print-directory fashion-mnist
 	$(PY) -m pytest -q
 
 fashion-mnist:
 	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist \
+	  || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
 	else echo "Fashion-MNIST is missing. Install it with: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
 
 demo: install fashion-mnist
