@@ -1,0 +1,499 @@
+"""Crash-safe training checkpoints, student export, and what makes a resume exact.
+
+A checkpoint is a directory ``<root>/step_{step:08d}/`` holding
+
+* ``model.safetensors`` - the task state dict minus frozen prefixes (e.g. the teacher),
+* ``ema.safetensors``   - the EMA copy of the student (only when EMA is on),
+* ``state.pt``          - optimizer, scheduler, position, config and RNG states, loadable
+  with ``torch.load(weights_only=True)``.
+
+Directories are written under a hidden temporary name in the same parent, every file is
+fsynced, and only then renamed into place, so a directory named ``step_*`` is always
+complete unless the disk itself damaged it afterwards. ``<root>/latest`` names the newest
+one (for humans and shell tools); the loader scans the directories instead of trusting it,
+because a crash between the two renames would leave ``latest`` one checkpoint behind.
+
+The module also holds the other half of exact resumption: RNG state capture, and a data
+order and per-sample augmentation randomness that depend only on the checkpointed position.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    "MODEL_FILE", "EMA_FILE", "STATE_FILE", "LATEST_FILE", "Checkpoint", "CheckpointError",
+    "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
+    "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "write_text_atomic",
+    "save_training_checkpoint", "restore_training_state", "capture_rng_state", "restore_rng_state",
+    "gather_rng_states", "seed_all",
+    "EpochBatchSampler", "SeededDataset", "derive_seed",
+]
+
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "state.pt"
+LATEST_FILE = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_TMP_PREFIX = ".tmp-"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing files or holds unreadable data."""
+
+
+class CheckpointNoSpaceError(OSError):
+    """The disk filled up while writing a checkpoint; ``errno`` is ``ENOSPC``."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified, fully loaded checkpoint.
+
+    Attributes:
+        path: The checkpoint directory.
+        step: Global optimisation step it was taken after.
+        model: Task state dict (frozen prefixes absent), CPU tensors.
+        ema: EMA student state dict, or None when EMA was off.
+        state: Everything from ``state.pt`` (optimizer, scheduler, position, config, RNG).
+    """
+
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: Optional[dict[str, torch.Tensor]]
+    state: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it. The single choke point for checkpoint bytes
+    (tests patch it to simulate a full disk)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is only durable once the directory entry itself reaches the disk.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems / platforms cannot open or fsync directories
+        pass
+
+
+def module_state_for_checkpoint(module: nn.Module, frozen_prefixes: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Return a safetensors-ready copy of ``module.state_dict()``.
+
+    Entries whose name starts with any of ``frozen_prefixes`` are dropped. Every tensor is
+    copied to CPU into its own contiguous storage, because safetensors refuses tied
+    (shared) or strided tensors and the copy also decouples the file from ongoing training.
+    """
+    prefixes = tuple(frozen_prefixes)
+    return {name: t.detach().to("cpu", copy=True).contiguous()
+            for name, t in module.state_dict().items() if not name.startswith(prefixes)}
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    # "format: pt" is what timm/transformers loaders look for in the metadata.
+    return safetensors.torch.save(dict(tensors), metadata={"format": "pt"})
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def list_checkpoints(root: PathLike) -> list[Path]:
+    """Checkpoint directories under ``root``, oldest first; crash leftovers (temp dirs) are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    # Readers see the old or the new content, never a partial file.
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Atomically replace the text file ``path`` (tmp file, fsync, rename)."""
+    _replace_file(Path(path), text.encode())
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    # Leftovers of crashed writes only waste space; nothing ever reads them.
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX) and not p.name.endswith(f"-{os.getpid()}"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def save_checkpoint(root: PathLike, step: int, model_state: Mapping[str, torch.Tensor], state: Mapping[str, Any],
+                    ema_state: Optional[Mapping[str, torch.Tensor]] = None, keep: int = 2) -> Path:
+    """Atomically write checkpoint ``root/step_{step:08d}`` and prune old ones.
+
+    Args:
+        root: Directory holding all checkpoints of a run (created if missing).
+        step: Global step; names the directory.
+        model_state: Tensors for ``model.safetensors`` (see :func:`module_state_for_checkpoint`).
+        state: Picklable dict for ``state.pt``; must only hold types ``weights_only`` accepts.
+        ema_state: Tensors for ``ema.safetensors``, or None.
+        keep: How many newest checkpoints to keep (0 keeps all).
+
+    Returns:
+        The final checkpoint directory.
+
+    Raises:
+        CheckpointNoSpaceError: The disk is full; the temporary directory is removed and
+            earlier checkpoints are untouched.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = root / name
+    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        _write_file(tmp / MODEL_FILE, _safetensors_bytes(model_state))
+        if ema_state is not None:
+            _write_file(tmp / EMA_FILE, _safetensors_bytes(ema_state))
+        _write_file(tmp / STATE_FILE, _torch_bytes(dict(state, has_ema=ema_state is not None)))
+        _fsync_dir(tmp)
+        if final.exists():
+            # Re-saving a step (e.g. an interrupt right after a periodic save): move the old
+            # copy aside first because rename cannot replace a non-empty directory.
+            trash = root / f"{_TMP_PREFIX}old-{name}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            previous = [p for p in list_checkpoints(root) if p != final]
+            intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointNoSpaceError(
+                errno.ENOSPC, f"no space left on device while writing checkpoint to {final}; {intact}") from e
+        raise
+    try:
+        write_text_atomic(root / LATEST_FILE, name + "\n")
+    except OSError as e:
+        # The checkpoint itself is complete and the loader does not need `latest`.
+        warnings.warn(f"checkpoint {final} written but could not update {root / LATEST_FILE}: {e}")
+    _prune(root, keep)
+    return final
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+
+
+def load_checkpoint(path: PathLike) -> Checkpoint:
+    """Load and verify one checkpoint directory.
+
+    Raises:
+        CheckpointError: A file is missing or unreadable.
+    """
+    path = Path(path)
+    m = _STEP_DIR.match(path.name)
+    if not m or not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected step_XXXXXXXX/)")
+    for f in (MODEL_FILE, STATE_FILE):
+        if not (path / f).is_file():
+            raise CheckpointError(f"{path} is incomplete: {f} is missing")
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded with weights_only=True: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} does not hold a dict")
+    model = _load_safetensors(path / MODEL_FILE)
+    ema = None
+    if state.get("has_ema", False):
+        if not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"{path} is incomplete: {EMA_FILE} is missing")
+        ema = _load_safetensors(path / EMA_FILE)
+    return Checkpoint(path=path, step=int(m.group(1)), model=model, ema=ema, state=state)
+
+
+def verify_checkpoint(path: PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete, readable checkpoint."""
+    load_checkpoint(path)
+
+
+def load_latest_checkpoint(root: PathLike) -> Optional[Checkpoint]:
+    """Load the newest valid checkpoint, falling back to older ones when it is damaged.
+
+    Args:
+        root: The checkpoints directory, or a run directory containing ``checkpoints/``.
+
+    Returns:
+        The newest checkpoint that verifies, or None when there is none.
+    """
+    root = Path(root)
+    if not list_checkpoints(root) and (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    for path in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint {path}: {e}; trying the previous one")
+    return None
+
+
+# --------------------------------------------------------------------------- training objects
+
+
+def save_training_checkpoint(root: PathLike, step: int, task: nn.Module, optimizer: torch.optim.Optimizer,
+                             scheduler: Any, state: Mapping[str, Any], ema: Optional[nn.Module] = None,
+                             frozen_prefixes: Iterable[str] = (), keep: int = 2) -> Path:
+    """Checkpoint live training objects (see :func:`save_checkpoint`).
+
+    Args:
+        task: Module whose state dict, minus ``frozen_prefixes``, goes to ``model.safetensors``.
+        optimizer, scheduler: Anything with ``state_dict()``; stored in ``state.pt``.
+        state: Extra ``state.pt`` entries (position, config, RNG states).
+        ema: The EMA copy of the student, or None.
+    """
+    full = dict(state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+    ema_state = module_state_for_checkpoint(ema) if ema is not None else None
+    return save_checkpoint(root, step, module_state_for_checkpoint(task, frozen_prefixes), full, ema_state, keep)
+
+
+def restore_training_state(ckpt: Checkpoint, task: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                           ema: Optional[nn.Module] = None, frozen_prefixes: Iterable[str] = (),
+                           expect: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Load a checkpoint into live training objects; return its ``state.pt`` dict.
+
+    Only keys under ``frozen_prefixes`` may be absent from the checkpoint: those modules
+    (teachers) are rebuilt by the caller, everything else must match exactly. ``ema`` is
+    left untouched when the checkpoint has no EMA weights.
+
+    Args:
+        expect: Values that must equal the checkpoint's, looked up in ``state.pt`` and then in
+            its ``config`` (e.g. what the data order depends on); checked before anything loads.
+
+    Raises:
+        CheckpointError: The checkpoint does not fit ``task`` or ``expect``.
+    """
+    saved = {**ckpt.state.get("config", {}), **ckpt.state}
+    changed = {k: (saved.get(k), v) for k, v in (expect or {}).items() if saved.get(k) != v}
+    if changed:
+        raise CheckpointError(f"cannot resume {ckpt.path} exactly, these settings changed (saved, now): {changed}")
+    missing, unexpected = task.load_state_dict(ckpt.model, strict=False)
+    missing = [k for k in missing if not k.startswith(tuple(frozen_prefixes))]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.path} does not fit the task: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(ckpt.state["optimizer"])
+    scheduler.load_state_dict(ckpt.state["scheduler"])
+    if ema is not None and ckpt.ema is not None:
+        ema.load_state_dict(ckpt.ema)
+    return ckpt.state
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike) -> Path:
+    """Atomically write a student's plain state dict as a standalone ``.safetensors`` file.
+
+    Keys carry no prefix, so the file loads with ``model.load_state_dict(load_file(path))``
+    or ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))``.
+
+    Args:
+        student: The model (pass the EMA module for EMA weights) or its state dict.
+        path: Destination file; parent directories are created.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(student, nn.Module):
+        student = student.state_dict()
+    try:
+        _replace_file(path, _safetensors_bytes({k: v.detach().to("cpu", copy=True).contiguous()
+                                                for k, v in student.items()}))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CheckpointNoSpaceError(errno.ENOSPC, f"no space left on device while exporting to {path}") from e
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot torch/CUDA/python/numpy RNG states as ``weights_only``-loadable values."""
+    version, internal, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+    }
+
+
+def gather_rng_states(world_size: int = 1) -> list[dict[str, Any]]:
+    """:func:`capture_rng_state` of every rank, in rank order (a collective if ``world_size > 1``)."""
+    if world_size == 1:
+        return [capture_rng_state()]
+    states: list = [None] * world_size
+    torch.distributed.all_gather_object(states, capture_rng_state())
+    return states
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA), python ``random`` and numpy from one integer."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        # A run resumed on fewer GPUs restores the devices that still exist.
+        cuda = list(state["cuda"])[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# --------------------------------------------------------------------------- exact-resume data order
+# A resumed run only matches an uninterrupted one if the batches and each sample's
+# augmentation depend on the checkpointed position alone, not on process history.
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from non-negative integers."""
+    # SeedSequence mixes well and, unlike hash(), is stable across runs and platforms.
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class EpochBatchSampler(Sampler[list]):
+    """Batches whose order is a pure function of ``(seed, epoch)``.
+
+    Each epoch draws one global permutation; global batch ``t`` is the slice
+    ``perm[t*B*W:(t+1)*B*W]`` and rank ``r`` takes its ``r``-th chunk of ``B``, so the
+    ranks' batches together equal the single-process batch of ``B*W``. Only whole
+    optimiser steps (``accum_steps`` micro-batches) are yielded. Elements are
+    ``(epoch, index)`` pairs, so :class:`SeededDataset` knows the epoch inside workers.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = True, accum_steps: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = num_samples, batch_size, seed, rank, world_size
+        gb = batch_size * world_size
+        self.steps_per_epoch = (num_samples // gb if drop_last else math.ceil(num_samples / gb)) // accum_steps
+        self.batches_per_epoch = self.steps_per_epoch * accum_steps
+        self.epoch = self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch and skip its first ``start_batch`` micro-batches (resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        perm, gb = perm.tolist(), self.batch_size * self.world_size
+        for t in range(self.start_batch, self.batches_per_epoch):  # slicing, not iterating, skips
+            chunk = perm[t * gb:(t + 1) * gb]
+            if len(chunk) < gb and self.world_size > 1:  # pad like DistributedSampler
+                chunk = (chunk + perm * math.ceil(gb / self.n))[:gb]
+            yield [(self.epoch, i) for i in chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+
+class SeededDataset(Dataset):
+    """Runs each sample's transform under RNGs seeded from ``(seed, epoch, index)``.
+
+    torch (CPU), python ``random`` and numpy are seeded and the caller's states restored
+    afterwards, so augmentation does not depend on the worker count or resume point, and
+    the training loop's own random stream is untouched. Keys are ``(epoch, index)`` pairs
+    (plain indices mean epoch 0).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        s = derive_seed(self.seed, epoch, index)
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.default_generator.manual_seed(s)  # not torch.manual_seed: that also reseeds CUDA
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def worker_ignore_sigint(_: int) -> None:
+    # Ctrl-C reaches the whole process group; only the main process should react to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

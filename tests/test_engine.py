@@ -1,0 +1,316 @@
+"""Tests for the generic training engine (CPU, tiny models, a few seconds each)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import _engine_worker as W
+from vitlinearizer.checkpoint import STATE_FILE, list_checkpoints, load_latest_checkpoint
+from vitlinearizer.engine import (
+    EpochBatchSampler,
+    SeededDataset,
+    TrainConfig,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    build_optimizer,
+    build_scheduler,
+    evaluate_classifier,
+)
+
+# Forked children start in milliseconds because torch is already imported; a fresh
+# interpreter needs ~20 s here just to import torch and timm.
+FORK = multiprocessing.get_context("fork")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (max |diff| {(a[k] - b[k]).abs().max()})"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Match the forked workers (see _engine_worker.main): intra-op thread count can change
+    float summation order, and these tests compare weights bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Final (model, ema) of an uninterrupted run with the default toy settings."""
+    run = tmp_path_factory.mktemp("reference")
+    summary, _ = W.train(run)
+    assert summary["steps"] == 12 and summary["bad_steps"] == 0 and not summary["interrupted"]
+    return W.final_state(run)
+
+
+# --------------------------------------------------------------------------- config & pieces
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("lr", -1.0, "> 0"), ("epochs", 0, ">= 1"), ("accum_steps", 0, ">= 1"),
+    ("amp", "fp16", "'none', 'bf16'"), ("ema_decay", 1.0, "[0, 1)"), ("min_lr", 1.0, "[0, lr"),
+])
+def test_config_validation_names_field(field, value, allowed):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be .*{re.escape(allowed)}"):
+        TrainConfig(**{field: value})
+
+
+def test_config_from_dict_rejects_unknown_and_converts_betas():
+    assert TrainConfig.from_dict({"betas": [0.9, 0.95]}).betas == (0.9, 0.95)
+    with pytest.raises(ValueError, match="unknown TrainConfig field.*'learning_rate'"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+def test_param_groups_exclude_biases_norms_and_no_weight_decay_names():
+    task = W.make_task()
+    opt = build_optimizer(task, TrainConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in task.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert decay == {"student.0.weight", "student.4.weight"}
+    assert no_decay == {"pos", "student.0.bias", "student.1.weight", "student.1.bias", "student.4.bias"}
+    assert not any(n.startswith("teacher.") for n in decay | no_decay)  # frozen: not optimised
+
+
+def _schedule(steps_per_epoch: int = 7):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    cfg = TrainConfig(epochs=2, lr=1.0, min_lr=0.1, warmup_steps=4)  # 14 steps in all
+    return opt, build_scheduler(opt, cfg, steps_per_epoch)
+
+
+def test_schedule_warmup_then_cosine():
+    opt, sched = _schedule()
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(15):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway: 0.55
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)  # stays at min_lr
+    opt, sched = _schedule()
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # what a checkpoint stores
+    opt2, resumed = _schedule()
+    resumed.load_state_dict(state)
+    assert resumed.get_last_lr()[0] == pytest.approx(lrs[9])
+    # warm-up given in epochs: half of 8 steps per epoch
+    assert build_scheduler(opt2, TrainConfig(epochs=2, lr=1.0, warmup_epochs=0.5), 8).lr_lambdas[0].warmup_steps == 4
+
+
+def test_sampler_is_pure_splits_ranks_and_skips_on_resume():
+    full = EpochBatchSampler(20, 4, seed=3, drop_last=True)
+    ranks = [EpochBatchSampler(20, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for s in (full, *ranks):
+        s.set_epoch(1)
+    single = list(full)
+    assert len(single) == 5 and single == list(full)  # pure function of (seed, epoch)
+    for step, (a, b) in enumerate(zip(*ranks)):
+        assert sorted(a + b) == sorted(single[step])  # union of rank batches = single batch
+    full.set_epoch(1, start_batch=3)
+    assert list(full) == single[3:] and len(full) == 2
+    full.set_epoch(2)
+    assert list(full) != single
+    assert EpochBatchSampler(20, 4, seed=3, accum_steps=2).steps_per_epoch == 2  # whole steps only
+    # drop_last=False: one process gets a short last batch, ranks get it padded to full size
+    assert [len(b) for b in EpochBatchSampler(10, 4, seed=3, drop_last=False)] == [4, 4, 2]
+    padded = [list(EpochBatchSampler(10, 4, seed=3, rank=r, world_size=2, drop_last=False)) for r in range(2)]
+    assert [len(b) for b in padded[0] + padded[1]] == [4, 4, 4, 4]
+    assert {i for b in padded[0] + padded[1] for _, i in b} == set(range(10))
+
+
+def test_seeded_dataset_is_order_and_worker_independent():
+    ds = SeededDataset(W.AugDataset(8), seed=5)
+    state = torch.get_rng_state()
+    a = [ds[(1, i)] for i in range(8)]
+    b = [ds[(1, i)] for i in reversed(range(8))][::-1]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
+    assert not torch.equal(ds[(2, 0)][0], a[0][0])  # new epoch, new augmentation
+    sampler = EpochBatchSampler(8, 2, seed=5)
+    loaded = [torch.cat([x for x, _ in DataLoader(ds, batch_sampler=sampler, num_workers=w)]) for w in (0, 2)]
+    assert torch.equal(loaded[0], loaded[1])
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path, reference):
+    # SIGTERM ourselves during forward call 7 (step 4 with accum_steps=2, mid-epoch 1).
+    task = W.make_task(signal_at_call=7)
+    with pytest.raises(TrainingInterrupted) as info:
+        W.train(tmp_path, task=task)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert info.value.checkpoint.name == "step_00000004"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] is True
+    # Resume with data workers this time: augmentation must not depend on the worker count.
+    summary, _ = W.train(tmp_path, resume=True, cfg={"num_workers": 2})
+    assert summary["steps"] == 12
+    model, ema = W.final_state(tmp_path)
+    assert_same(model, reference[0])
+    assert_same(ema, reference[1])
+
+
+def _join(proc, timeout: float = 120.0) -> int:
+    # A hung child must fail the test, not block the whole session.
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        pytest.fail(f"worker {proc.pid} did not finish within {timeout} s")
+    return proc.exitcode
+
+
+def _wait_for_checkpoint(run_dir: Path, proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not list_checkpoints(run_dir / "checkpoints"):
+        assert proc.is_alive(), f"worker exited early with {proc.exitcode}"
+        assert time.monotonic() < deadline, "worker wrote no checkpoint in time"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_in_new_process_matches(tmp_path, reference):
+    # Slow steps and a checkpoint every 2 steps, so the kill lands mid-run.
+    cfg = {"save_every_steps": 2}
+    proc = FORK.Process(target=W.main, args=(str(tmp_path), False, cfg, {"sleep": 0.05}))
+    proc.start()
+    _wait_for_checkpoint(tmp_path, proc)
+    time.sleep(0.15)
+    proc.kill()
+    assert _join(proc) == -signal.SIGKILL
+    killed_at = load_latest_checkpoint(tmp_path).step
+    assert killed_at < 12
+    proc = FORK.Process(target=W.main, args=(str(tmp_path), True, cfg, {}))
+    proc.start()
+    assert _join(proc) == 0
+    model, ema = W.final_state(tmp_path)
+    assert_same(model, reference[0])
+    assert_same(ema, reference[1])
+
+
+def test_sigterm_writes_checkpoint_and_exits_143(tmp_path, reference):
+    proc = FORK.Process(target=W.main, args=(str(tmp_path), False, {"save_every_steps": 2}, {"sleep": 0.05}))
+    proc.start()
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.terminate()  # SIGTERM
+    assert _join(proc) == 128 + signal.SIGTERM
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    assert load_latest_checkpoint(tmp_path).step == summary["steps"] < 12  # saved where it stopped
+    W.train(tmp_path, resume=True)
+    model, ema = W.final_state(tmp_path)
+    assert_same(model, reference[0])
+    assert_same(ema, reference[1])
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    # accum_steps=1: forward call i runs step i + 1, so steps 3 and 4 get a NaN loss.
+    task = W.make_task(nan_calls={2, 3})
+    summary, trainer = W.train(tmp_path, cfg={"accum_steps": 1, "epochs": 1, "save_every_steps": 1}, task=task)
+    assert summary["bad_steps"] == 2 and summary["steps"] == 12
+    seen = task.weights_seen  # student weights at the start of every forward call
+    assert torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[4])  # NaN steps change nothing
+    assert not torch.equal(seen[1], seen[2]) and not torch.equal(seen[4], seen[5])
+    assert trainer.optimizer.state[trainer.params[0]]["step"] == 10  # AdamW never saw the bad steps
+    assert math.isfinite(summary["final_metrics"]["loss"])
+
+
+def test_always_nan_raises_diverged_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = {"accum_steps": 1, "epochs": 1, "save_every_steps": 2, "max_bad_steps": 3}
+    with pytest.raises(TrainingDivergedError, match="3 consecutive steps.*last good checkpoint is .*step_00000004"):
+        W.train(tmp_path, cfg=cfg, task=W.make_task(nan_from=5))
+    ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.step == 4 and all(torch.isfinite(t).all() for t in ckpt.model.values())
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"] is True
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_frozen_teacher_untouched_and_never_checkpointed(tmp_path):
+    task = W.make_task()
+    before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    evals = []
+    summary, trainer = W.train(tmp_path, task=task, eval_fn=lambda m: evals.append(m.training) or {"acc": 1.0})
+    assert_same(task.teacher.state_dict(), before)  # incl. BatchNorm running stats: kept in eval mode
+    model, ema = W.final_state(tmp_path)
+    assert not any(k.startswith("teacher.") for k in model) and "student.0.weight" in model
+    assert set(ema) == set(task.student.state_dict())
+    assert torch.load(trainer.last_checkpoint / STATE_FILE, weights_only=True)["step"] == 12
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in train_lines] == [2, 4, 6, 8, 10, 12]
+    assert {"lr", "ce", "kd", "images_per_s", "epoch"} <= train_lines[0].keys()
+    assert [l["eval"] for l in lines if "eval" in l] == [{"acc": 1.0}] * 2 and evals == [False, False]
+    assert summary["last_eval"] == {"acc": 1.0} and (tmp_path / "summary.json").exists()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    assert len(list_checkpoints(tmp_path / "checkpoints")) == 2  # keep_checkpoints default
+
+
+def test_bf16_autocast_runs(tmp_path):
+    summary, _ = W.train(tmp_path, cfg={"amp": "bf16", "epochs": 1, "accum_steps": 1})
+    assert summary["steps"] == 12 and math.isfinite(summary["final_metrics"]["loss"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_ranks_match_single_process_double_batch(tmp_path):
+    cfg = {"epochs": 1, "batch_size": 2, "accum_steps": 2}
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(FORK.Process(target=W.main, args=(str(tmp_path / "ddp"), False, cfg, {"dropout": 0.0}, env)))
+        procs[-1].start()
+    assert [_join(p) for p in procs] == [0, 0]
+    W.train(tmp_path / "single", cfg={**cfg, "batch_size": 4}, task=W.make_task(dropout=0.0))
+    ddp, single = W.final_state(tmp_path / "ddp"), W.final_state(tmp_path / "single")
+    for a, b in zip(ddp, single):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_evaluate_classifier_top1_top5():
+    model = nn.Linear(3, 6)
+    with torch.no_grad():  # logits: x_0, x_1, x_2, 0.3, 0.2, 0.1 (no ties)
+        model.weight.copy_(torch.eye(6, 3))
+        model.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.3, 0.2, 0.1]))
+    x = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0], [1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]])
+    y = torch.tensor([0, 1, 5, 4])  # hit, hit, outside the top 5, only in the top 5
+    out = evaluate_classifier(model, TensorDataset(x, y), batch_size=3)
+    assert out["n"] == 4 and out["top1"] == pytest.approx(50.0) and out["top5"] == pytest.approx(75.0)
+    expected = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert out["loss"] == pytest.approx(expected, rel=1e-5) and model.training
