@@ -329,3 +329,13 @@ def test_input_renormalisation_matches_manual():
     assert teacher.normalize_input(manual) is manual
     with pytest.raises(ValueError, match="both"):
         teacher.set_input_normalization(IMAGENET_MEAN)
+
+
+def test_input_not_divisible_by_teacher_patch_is_resized():
+    """A /6 teacher on 28-px images (a /14 teacher beside a /16 student at 64 px is the real case)."""
+    teacher = Teacher("vit_tiny_patch16_224", img_size=30, patch_size=6, embed_dim=32, depth=2, num_heads=2)
+    images = torch.randn(2, 3, 28, 28)
+    out = teacher.forward_features_aligned(images, [0, 1], out_grid=(7, 7))
+    assert [s.shape for s in out.stages] == [(2, 49, 32)] * 2 and out.last.shape == (2, 49, 32)
+    resized = torch.nn.functional.interpolate(images, size=(30, 30), mode="bilinear", antialias=True)
+    torch.testing.assert_close(teacher(images), teacher(resized))

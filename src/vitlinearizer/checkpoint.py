@@ -119,9 +119,9 @@ def module_state_for_checkpoint(module: nn.Module, frozen_prefixes: Iterable[str
             for name, t in module.state_dict().items() if not name.startswith(prefixes)}
 
 
-def _safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
     # "format: pt" is what timm/transformers loaders look for in the metadata.
-    return safetensors.torch.save(dict(tensors), metadata={"format": "pt"})
+    return safetensors.torch.save(dict(tensors), metadata={"format": "pt", **(metadata or {})})
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -347,7 +347,8 @@ def restore_training_state(ckpt: Checkpoint, task: nn.Module, optimizer: torch.o
 # --------------------------------------------------------------------------- export
 
 
-def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike) -> Path:
+def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike,
+                   metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Atomically write a student's plain state dict as a standalone ``.safetensors`` file.
 
     Keys carry no prefix, so the file loads with ``model.load_state_dict(load_file(path))``
@@ -356,6 +357,7 @@ def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: 
     Args:
         student: The model (pass the EMA module for EMA weights) or its state dict.
         path: Destination file; parent directories are created.
+        metadata: Extra string entries for the safetensors header (e.g. the model's description).
 
     Returns:
         The written path.
@@ -366,7 +368,7 @@ def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: 
         student = student.state_dict()
     try:
         _replace_file(path, _safetensors_bytes({k: v.detach().to("cpu", copy=True).contiguous()
-                                                for k, v in student.items()}))
+                                                for k, v in student.items()}, metadata))
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise CheckpointNoSpaceError(errno.ENOSPC, f"no space left on device while exporting to {path}") from e

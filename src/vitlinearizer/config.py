@@ -103,6 +103,7 @@ HELP = {
     "train.seed": "seed of initialisation, data order, augmentation and masking",
     "train.num_workers": "data-loader worker processes",
     "train.log_every": "log metrics every N steps",
+    "train.save_checkpoints": "write checkpoints (false: none, and no resume; for dry runs)",
     "train.save_every_steps": "also checkpoint every N steps (0: at epoch ends only)",
     "train.max_bad_steps": "stop after this many consecutive non-finite losses",
     "train.keep_checkpoints": "checkpoints kept on disk",

@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     log_every: int = 50
+    save_checkpoints: bool = True  # False: no checkpoints at all (dry runs; such a run cannot resume)
     save_every_steps: int = 0  # 0: only at epoch ends (always saved there)
     max_bad_steps: int = 10
     keep_checkpoints: int = 2  # 0: keep all
@@ -410,7 +411,7 @@ class Trainer:
         """Checkpoint the current step on rank 0 (collective under DDP). NaN/Inf weights are never
         written, and routine saves wait out a streak of bad steps so they cannot rotate the last
         good checkpoint away; ``force`` (interrupt, end of training) overrides the latter."""
-        if self.step == self._saved_step or (self._consecutive_bad and not force):
+        if not self.cfg.save_checkpoints or self.step == self._saved_step or (self._consecutive_bad and not force):
             return self.last_checkpoint
         ema = self.ema.module if self.ema is not None else None
         tensors = self.params + (list(ema.parameters()) if ema is not None else [])

@@ -61,12 +61,7 @@ def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataCon
 
 def export_model(model: nn.Module, path: Path, metadata: dict) -> Path:
     """Export weights with their description; the file stays a plain timm state dict."""
-    path = export_student(model, path)
-    tensors = safetensors.torch.load_file(str(path))
-    tmp = path.with_suffix(".meta-tmp")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
-    tmp.replace(path)
-    return path
+    return export_student(model, path, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -165,16 +160,17 @@ def build_teacher(cfg: RunConfig, num_classes: int, data_mean, data_std) -> Teac
     return teacher
 
 
-def dry_run_config(cfg: RunConfig, output_dir: str) -> RunConfig:
+def dry_run_config(cfg: RunConfig, output_dir: str, img_size: int | None = None) -> RunConfig:
     """The same models at their true sizes and resolution, on 2 synthetic images for 2 steps of batch 1: checks
-    a preset end to end without its data, weights or hardware (teacher and student start from random weights)."""
+    a preset end to end without its data, weights or hardware (teacher and student start from random weights).
+    ``img_size`` replaces the resolution (a cheaper check of the same architectures and code paths)."""
     cfg = copy.deepcopy(cfg)
     num_classes = dataset_info(cfg.data)["num_classes"] if cfg.data.name != "imagefolder" else 1000
-    cfg.data = DataConfig(name="synthetic", img_size=cfg.data.img_size, num_classes=num_classes, synthetic_length=2,
+    cfg.data = DataConfig(name="synthetic", img_size=img_size or cfg.data.img_size, num_classes=num_classes, synthetic_length=2,
                           holdout_fraction=0.0, augment=cfg.data.augment, mean=cfg.data.mean, std=cfg.data.std)
     cfg.train.epochs, cfg.train.batch_size, cfg.train.accum_steps = 1, 1, 1
     cfg.train.num_workers, cfg.train.warmup_epochs, cfg.train.warmup_steps = 0, 0.0, None
-    cfg.train.save_every_steps = 0
+    cfg.train.save_checkpoints = False
     if resolve_device(cfg.device).type == "cpu":
         cfg.train.amp = "none"
     cfg.teacher.weights = cfg.student.checkpoint = None

@@ -280,6 +280,7 @@ class Teacher(nn.Module):
             raise ValueError(f"stage indices {list(stage_indices)} out of range for depth {d}")
         taps = sorted(set(idx)) or [d - 1]
         npt = self.num_prefix_tokens
+        images = self._fit_to_patch_size(images)
         # Intermediates are prefix-free anyway; EVA breaks on return_prefix_tokens without prefixes.
         final, inter = self.model.forward_intermediates(
             self.normalize_input(images), indices=taps, output_fmt="NCHW",
@@ -295,5 +296,15 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (or pooled features when ``num_classes=0``) for logit KD and evaluation."""
-        return self.model(self.normalize_input(images))
+        return self.model(self.normalize_input(self._fit_to_patch_size(images)))
+
+    def _fit_to_patch_size(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to the nearest multiple of the teacher's patch size: a /14 teacher and a /16 student cannot
+        both tile every resolution (e.g. 64 px), and the token grids are resampled to the student's anyway."""
+        ph, pw = self.patch_size
+        h, w = images.shape[-2:]
+        size = (max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw))
+        if size == (h, w):
+            return images
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 

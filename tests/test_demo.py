@@ -1,0 +1,60 @@
+"""The demo pipeline on a tiny Fashion-MNIST subset: interrupted with Ctrl-C, resumed, every artefact checked."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vitlinearizer.data import DEFAULT_FASHION_MNIST_ROOT
+
+pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_file(),
+                                reason="needs Debian's dataset-fashion-mnist (make test installs it as root)")
+
+
+def demo(run_dir, *extra):
+    cmd = [sys.executable, "-m", "vitlinearizer", "demo", "--preset", "tiny", "--output-dir", str(run_dir), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_demo_interrupt_resume_and_artefacts(tmp_path):
+    run_dir = tmp_path / "demo"
+    proc = demo(run_dir)
+    deadline = time.time() + 300
+    # Interrupt while the distillation stage runs, after the teacher finished.
+    while not (run_dir / "distill-both-mamba2-s0" / "metrics.jsonl").exists() and proc.poll() is None:
+        assert time.time() < deadline, "demo did not reach the distillation stage"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, out
+    assert "Run the same command again to resume" in out
+    teacher_summary = json.loads((run_dir / "teacher" / "summary.json").read_text())
+    assert teacher_summary["complete"]
+
+    proc = demo(run_dir)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "teacher: finished earlier, reusing" in out
+    assert "distill-both-mamba2-s0: resuming" in out
+
+    report = (run_dir / "report.md").read_text()
+    assert "| Teacher ViT (patch 4) |" in report and "Distilled student" in report and "from scratch" in report
+    for png in ("loss_curves.png", "accuracy.png", "latency.png"):
+        with Image.open(run_dir / png) as im:
+            assert im.size[0] > 100
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["results"]) == {"finetune-both-mamba2", "scratch-mamba2"}
+    assert [r["size"] for r in summary["latency"]] == [28, 56]
+    for stage in ("teacher", "distill-both-mamba2-s0", "finetune-both-mamba2-s0", "scratch-mamba2-s0"):
+        stage_summary = json.loads((run_dir / stage / "summary.json").read_text())
+        assert stage_summary["complete"] and any((run_dir / stage / "checkpoints").glob("step_*"))
+    # A third run reuses everything: no stage trains again.
+    proc = demo(run_dir)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "starting" not in out and "resuming" not in out, out
