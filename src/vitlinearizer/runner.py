@@ -100,19 +100,26 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
 
-def _fit(task: nn.Module, train_ds, holdout, cfg: RunConfig, resume: bool, run_dir: Path, evaluate: bool) -> dict:
-    device = resolve_device(cfg.device)
+def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, holdout, resume: bool, kind: str,
+                      model_name: str, model_kwargs: dict, filename: str) -> dict:
+    """Train ``task``, export its student (the EMA copy when EMA is on) with metadata, test it, write the summary."""
+    run_dir = Path(cfg.output_dir)
+    _write_config(cfg, run_dir)
     eval_fn = None
-    if evaluate and holdout is not None:
+    if holdout is not None:
         def eval_fn(model):
             return {f"holdout_{k}": v for k, v in evaluate_classifier(model, holdout, cfg.train.batch_size * 2).items()}
-    trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=device)
+    trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=resolve_device(cfg.device))
     try:
         summary = trainer.fit(resume=resume)
     finally:
         cleanup_distributed()
+    if trainer.rank != 0:
+        return summary
     trained = trainer.ema.module if trainer.ema is not None else task.student
-    return summary, trained, trainer.rank
+    meta = model_metadata(kind, model_name, model_kwargs, cfg.data, info)
+    summary["exported"] = str(export_model(trained, run_dir / filename, meta))
+    return _finish(summary, run_dir, trained, cfg, test_split=kind != "distilled-student")
 
 
 def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, test_split: bool = True) -> dict:
@@ -180,40 +187,26 @@ def dry_run_config(cfg: RunConfig, output_dir: str, img_size: int | None = None)
 
 def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised training of a timm ViT teacher from scratch (the demo's teacher)."""
-    run_dir = Path(cfg.output_dir)
     info, train_ds, holdout = _datasets(cfg)
     model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
                               **cfg.teacher.model_kwargs)
     task = ClassificationTask(model, label_smoothing=cfg.finetune.label_smoothing)
-    _write_config(cfg, run_dir)
-    summary, trained, rank = _fit(task, train_ds, holdout, cfg, resume, run_dir, evaluate=True)
-    if rank == 0:
-        meta = model_metadata("teacher", cfg.teacher.model, cfg.teacher.model_kwargs, cfg.data, info)
-        summary["exported"] = str(export_model(trained, run_dir / "teacher.safetensors", meta))
-        summary = _finish(summary, run_dir, trained, cfg)
-    return summary
+    return _train_and_export(task, cfg, info, train_ds, holdout, resume, "teacher", cfg.teacher.model,
+                             cfg.teacher.model_kwargs, "teacher.safetensors")
 
 
 def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Distil the teacher into the student (activation matching + masked prediction); no labels used."""
-    run_dir = Path(cfg.output_dir)
     info, train_ds, _ = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=True)
     teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
     task = DistillationTask(student, teacher, cfg.distill)
-    _write_config(cfg, run_dir)
-    summary, trained, rank = _fit(task, train_ds, None, cfg, resume, run_dir, evaluate=False)
-    if rank == 0:
-        kwargs = dict(cfg.student.model_kwargs, mixer=cfg.student.mixer)
-        meta = model_metadata("distilled-student", cfg.student.model, kwargs, cfg.data, info)
-        summary["exported"] = str(export_model(trained, run_dir / "student.safetensors", meta))
-        summary = _finish(summary, run_dir, trained, cfg, test_split=False)
-    return summary
+    return _train_and_export(task, cfg, info, train_ds, None, resume, "distilled-student", cfg.student.model,
+                             dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")
 
 
 def finetune(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint."""
-    run_dir = Path(cfg.output_dir)
     info, train_ds, holdout = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=False)
     teacher = None
@@ -221,14 +214,8 @@ def finetune(cfg: RunConfig, resume: bool = False) -> dict:
         teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
     task = ClassificationTask(student, cfg.finetune.label_smoothing, teacher, cfg.finetune.kd_weight,
                               cfg.finetune.kd_temperature)
-    _write_config(cfg, run_dir)
-    summary, trained, rank = _fit(task, train_ds, holdout, cfg, resume, run_dir, evaluate=True)
-    if rank == 0:
-        kwargs = dict(cfg.student.model_kwargs, mixer=cfg.student.mixer)
-        meta = model_metadata("student", cfg.student.model, kwargs, cfg.data, info)
-        summary["exported"] = str(export_model(trained, run_dir / "student.safetensors", meta))
-        summary = _finish(summary, run_dir, trained, cfg)
-    return summary
+    return _train_and_export(task, cfg, info, train_ds, holdout, resume, "student", cfg.student.model,
+                             dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")
 
 
 def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
