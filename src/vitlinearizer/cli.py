@@ -94,10 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_arguments
     add_demo_arguments(sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST, with a report",
                                       formatter_class=fmt))
-    try:  # TEMPORARY until bench.py lands
-        from .bench import add_bench_arguments
-    except ImportError:
-        return parser
+    from .bench import add_bench_arguments
     add_bench_arguments(sub.add_parser("bench", help="speed and memory vs resolution, student vs teacher",
                                        formatter_class=fmt))
     return parser

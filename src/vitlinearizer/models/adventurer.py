@@ -15,8 +15,10 @@ Differences from the released code:
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, RmsNorm, SwiGLU, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -28,13 +30,73 @@ from .mixers import MIXERS, create_mixer
 __all__ = ["Adventurer", "AdventurerBlock", "checkpoint_filter_fn"]
 
 
-def _flip_patches(x: torch.Tensor) -> torch.Tensor:
-    """Reverse the patch tokens, keeping the class token (last) in place."""
-    return torch.cat([x[:, :-1].flip(1), x[:, -1:]], dim=1)
+def _scan_order(length: int, device: torch.device) -> torch.Tensor:
+    """Token index at each position of a flipped scan: patches reversed, class token (last) in place.
+
+    The permutation is its own inverse, so the same index also puts the scan outputs back in raster order.
+    """
+    order = torch.arange(length - 2, -2, -1, device=device)
+    order[-1] = length - 1
+    return order
+
+
+def _rms_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-token factor 1/RMS of timm's ``RmsNorm`` (B, L, 1), from one reduction pass (no x**2 temporary)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+    return rms.square_().div_(x.shape[-1]).add_(norm.eps).rsqrt_()
+
+
+def _plain_rms_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, RmsNorm) and len(norm.normalized_shape) == 1
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """timm ``RmsNorm`` without autograd: one output tensor, scaled in place; ``scale`` from :func:`_rms_scale`."""
+    if not _plain_rms_norm(norm):
+        return norm(x)
+    out = x * (_rms_scale(norm, x) if scale is None else scale).to(x.dtype)
+    return out.mul_(norm.weight.to(x.dtype)) if norm.weight is not None else out
+
+
+def _swiglu(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``SwiGLU`` without autograd: the gate is activated and multiplied in place."""
+    plain = (isinstance(mlp, SwiGLU) and isinstance(mlp.norm, nn.Identity)
+             and isinstance(mlp.act, nn.SiLU) and not mlp.training)
+    if not plain:
+        return mlp(x)
+    gate = F.silu(mlp.fc1_g(x), inplace=True)
+    return mlp.fc2(gate.mul_(mlp.fc1_x(x)))
+
+
+# Target tokens per slab of the streaming inference path (see AdventurerBlock), measured with
+# benchmarks/block_parts.py on 2 CPU cores (docs/performance.md): slabs bound the temporaries (and so peak
+# memory and the page faults of fresh multi-MB allocations), but every slab costs ~60 more ops, and on a
+# CPU shared with other processes each parallel op can wait for a descheduled thread; so slabs are large.
+STREAM_SLAB_TOKENS = 2048
+SLAB_ALIGN = 64  # slabs are whole chunks of the recurrence kernel
+
+
+def slab_size(positions: int, target: int) -> int:
+    """Equal slabs of about ``target`` positions (a multiple of SLAB_ALIGN); ``positions`` when one slab."""
+    count = max(1, round(positions / target))
+    if count == 1:
+        return positions
+    align = min(SLAB_ALIGN, target)
+    per = -(-positions // count)  # ceil
+    return -(-per // align) * align
 
 
 class AdventurerBlock(nn.Module):
-    """Pre-norm block: [flip] -> prepend heading average -> causal mixer -> drop it -> [flip back]; SwiGLU MLP."""
+    """Pre-norm block: [flip] -> prepend heading average -> causal mixer -> drop it -> [flip back]; SwiGLU MLP.
+
+    Without autograd (``torch.no_grad`` / ``inference_mode``) the block runs its inference path: the mixer
+    scans the sequence in slabs of about ``stream_slab_tokens`` positions, carrying its state
+    (:meth:`Mamba2Mixer.scan`), and each slab goes on through the residual, norm and MLP at once, with
+    temporaries overwritten in place (one slab when the input is short or ``stream_slab_tokens = 0``).
+    Same result as the parallel (autograd) form (tests/test_fast_paths.py), with a working set of one slab
+    instead of several (L, 4D) temporaries.
+    """
 
     def __init__(
         self,
@@ -48,6 +110,7 @@ class AdventurerBlock(nn.Module):
     ):
         super().__init__()
         self.flip = flip
+        self.stream_slab_tokens = STREAM_SLAB_TOKENS
         self.norm1 = RmsNorm(dim, eps=norm_eps)
         self.mixer = create_mixer(mixer, dim, **(mixer_kwargs or {}))
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -55,18 +118,76 @@ class AdventurerBlock(nn.Module):
         self.mlp = SwiGLU(dim, int(dim * mlp_ratio), bias=True)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def _streamable(self, x: torch.Tensor) -> bool:
+        """Whether the no-autograd path applies (streaming in slabs, or in one piece for short inputs)."""
+        if torch.is_grad_enabled() or not hasattr(self.mixer, "scan"):
+            return False
+        return not self.training or (isinstance(self.drop_path1, nn.Identity) and isinstance(self.drop_path2, nn.Identity))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, N + 1, D), patch tokens in raster order and the class token last.
+        if self._streamable(x):
+            return self._forward_streaming(x)
         h = self.norm1(x)
-        if self.flip:
-            h = _flip_patches(h)
+        order = _scan_order(x.shape[1], x.device) if self.flip else None
+        if order is not None:
+            h = h.index_select(1, order)
         # The heading token gives every position a global summary before the causal scan reaches it.
         h = torch.cat([h.mean(dim=1, keepdim=True), h], dim=1)  # (B, N + 2, D)
         h = self.mixer(h)[:, 1:]
-        if self.flip:
-            h = _flip_patches(h)
+        if order is not None:
+            h = h.index_select(1, order)
         x = x + self.drop_path1(h)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def _forward_streaming(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """No-autograd forward, in slabs of about ``stream_slab_tokens`` scan positions (one slab for short
+        inputs or ``stream_slab_tokens = 0``). ``out=x`` overwrites the input in place: each slab reads only
+        its own rows, and the heading token is computed before any row is written.
+
+        The last slab is zero-padded to whole chunks of the recurrence (the pad rows ride along in the
+        concatenation that builds the slab, and causality keeps them out of every real output), so the
+        kernel never pads its inputs itself.
+        """
+        length = x.shape[1]
+        out = torch.empty_like(x) if out is None else out
+        order = _scan_order(length, x.device) if self.flip else None
+        # Heading token = mean of norm1(x) over all tokens, without materialising norm1(x):
+        # mean_t(x_t * s_t * w) = w * (s^T X) / L with s_t = 1 / RMS(x_t).
+        plain = _plain_rms_norm(self.norm1)
+        if plain:
+            scale = _rms_scale(self.norm1, x)  # (B, L, 1)
+            head = torch.bmm(scale.transpose(1, 2).to(x.dtype), x).div_(length)
+            head = head.mul_(self.norm1.weight.to(x.dtype)) if self.norm1.weight is not None else head
+        else:
+            scale = None
+            head = self.norm1(x).mean(dim=1, keepdim=True)
+        total, state = length + 1, None
+        slab = slab_size(total, self.stream_slab_tokens) if self.stream_slab_tokens else total
+        for start in range(0, total, slab):
+            stop = min(start + slab, total)
+            lo, hi = max(start, 1) - 1, stop - 1  # tokens at scan positions [start, stop), heading excluded
+            idx = None if order is None else order[lo:hi]
+            rows = x[:, lo:hi] if idx is None else x.index_select(1, idx)
+            if plain:
+                row_scale = scale[:, lo:hi] if idx is None else scale.index_select(1, idx)
+                u = _rms_norm(self.norm1, rows, row_scale)
+            else:
+                u = self.norm1(rows)
+            last = stop == total
+            pad = (-(stop - start)) % SLAB_ALIGN if last else 0
+            parts = ([head] if start == 0 else []) + [u] + ([u.new_zeros(u.shape[0], pad, u.shape[2])] if pad else [])
+            if len(parts) > 1:
+                u = torch.cat(parts, dim=1)
+            y, state = self.mixer.scan(u, state, want_state=not last)
+            y = y[:, (1 if start == 0 else 0):(1 if start == 0 else 0) + hi - lo]
+            y = y.add_(rows)  # residual, in scan order
+            y = y.add_(_swiglu(self.mlp, _rms_norm(self.norm2, y)))
+            if idx is None:
+                out[:, lo:hi] = y
+            else:
+                out.index_copy_(1, idx, y)
+        return out
 
 
 class Adventurer(nn.Module):
@@ -188,32 +309,68 @@ class Adventurer(nn.Module):
             )
         return height // ph, width // pw
 
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding as one GEMM over (B, N, C*p*p) patches: the same numbers as the stride-p Conv2d
+        of ``patch_embed.proj`` (same weights), about twice as fast on CPU (benchmarks/block_parts.py)."""
+        pe = self.patch_embed
+        plain = (isinstance(pe.norm, nn.Identity) and getattr(pe, "flatten", True) and not getattr(pe, "dynamic_img_pad", False)
+                 and isinstance(pe.proj, nn.Conv2d) and pe.proj.kernel_size == pe.proj.stride and pe.proj.padding == (0, 0))
+        if not plain:
+            return pe(x)
+        batch, chans, height, width = x.shape
+        ph, pw = pe.proj.kernel_size
+        patches = x.reshape(batch, chans, height // ph, ph, width // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch, (height // ph) * (width // pw), chans * ph * pw)
+        return F.linear(patches, pe.proj.weight.reshape(pe.proj.out_channels, -1), pe.proj.bias)
+
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
-        x = self.patch_embed(x)  # (B, N, D)
+        x = self._patchify(x)  # (B, N, D)
         if mask is not None:
             if self.mask_token is None:
                 raise ValueError("this model has no mask token; create it with use_mask_token=True to pass `mask`")
             if mask.shape != x.shape[:2] or mask.dtype != torch.bool:
                 raise ValueError(f"mask must be a bool tensor of shape {tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
-        pos = self.pos_embed
-        if grid != self.patch_embed.grid_size:
-            patches = resample_abs_pos_embed(pos[:, :-1], list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
-            pos = torch.cat([patches, pos[:, -1:]], dim=1)
+        pos = self._pos_embed_for(grid)
         x = torch.cat([x, self.cls_token.expand(x.shape[0], -1, -1)], dim=1)  # class token LAST
-        return x + pos, grid
+        if torch.is_grad_enabled() or torch.promote_types(x.dtype, pos.dtype) != x.dtype:
+            return x + pos, grid
+        return x.add_(pos), grid  # x is a fresh tensor of this forward
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embedding resampled to ``grid``; without autograd the bicubic resample is cached
+        (keyed by the parameter's version, so an update of the weights invalidates it)."""
+        pos = self.pos_embed
+        if grid == self.patch_embed.grid_size:
+            return pos
+        key = (grid, pos._version, pos.data_ptr(), pos.dtype, pos.device)
+        cached = getattr(self, "_pos_cache", None)
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1]
+        patches = resample_abs_pos_embed(pos[:, :-1], list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
+        pos = torch.cat([patches, pos[:, -1:]], dim=1)
+        if not torch.is_grad_enabled():
+            self._pos_cache = (key, pos)
+        return pos
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
+        """``owned``: x is a temporary of this forward that nothing else references, so a streaming block
+        may write its output into it (saves one (B, L, D) allocation per block)."""
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint(block, x)
+        if owned and isinstance(block, AdventurerBlock) and block._streamable(x):
+            return block._forward_streaming(x, out=x)
         return block(x)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, N + 1, D) normalised tokens; ``mask`` (B, N) bool replaces patch embeddings."""
         x, _ = self._embed(x, mask)
         for block in self.blocks:
-            x = self._run_block(block, x)
+            x = self._run_block(block, x, owned=True)
+        if not torch.is_grad_enabled() and _plain_rms_norm(self.norm):  # x is this forward's own tensor
+            x = x.mul_(_rms_scale(self.norm, x).to(x.dtype))
+            return x.mul_(self.norm.weight.to(x.dtype)) if self.norm.weight is not None else x
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

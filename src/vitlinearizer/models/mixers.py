@@ -4,8 +4,13 @@
 - :class:`GLAMixer`: gated linear attention, decay per key channel (arXiv 2312.06635);
 - :class:`HGRNMixer`: HGRN, an element-wise gated RNN (arXiv 2311.04823), the diagonal case.
 
-Every mixer maps (B, L, D) -> (B, L, D) with ``forward`` (parallel, for training) and has a recurrent
-``step(x_t, state) -> (y_t, state)`` for O(1)-memory inference; the two agree (tests/test_mixers.py).
+Every mixer maps (B, L, D) -> (B, L, D) with ``forward`` (parallel, for training), has a recurrent
+``step(x_t, state) -> (y_t, state)`` for O(1)-memory inference, and ``scan(x, state) -> (y, state)`` which
+runs a whole segment from a carried state (``step``'s state format), so a long sequence can be processed
+slab by slab with a small working set; all three agree (tests/test_mixers.py).
+
+Without autograd (``torch.no_grad`` / ``torch.inference_mode``) the mixers update their own temporaries in
+place: on CPU a fresh multi-MB tensor costs more in page faults than the arithmetic done on it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,34 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def _inplace_ok() -> bool:
+    """True when autograd is off, so temporaries may be overwritten."""
+    return not torch.is_grad_enabled()
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise conv over tokens in token-major layout, as K shifted multiply-adds.
+
+    ``x`` (B, T, C) (any strides), ``weight`` (C, K), ``bias`` (C,), ``prev`` optional (B, K-1, C) inputs
+    preceding ``x`` (zeros when None). Equals ``Conv1d(C, C, K, groups=C, padding=K-1)`` on
+    ``x.transpose(1, 2)`` cut to the first T outputs, without the two layout copies a Conv1d needs
+    (benchmarks/block_parts.py measures both).
+    """
+    width = weight.shape[1]
+    length = x.shape[1]
+    taps = weight.t().contiguous()  # (K, C): a strided weight column would take a slow broadcast path
+    out = x * taps[-1] if bias is None else torch.addcmul(bias, x, taps[-1])
+    for i in range(width - 1):
+        shift = width - 1 - i  # tap i looks `shift` tokens back
+        if shift < length:  # in-place is autograd-safe: addcmul's backward keeps no output
+            out[:, shift:].addcmul_(x[:, :length - shift], taps[i])
+        if prev is not None:  # the first `shift` outputs reach back into the previous segment
+            rows = min(shift, length)
+            out[:, :rows].addcmul_(prev[:, i:i + rows].to(x.dtype), taps[i])
+    return out
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm(y * SiLU(z)) over groups of channels (Mamba-2's norm_before_gate=False)."""
 
@@ -34,8 +67,17 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, z: torch.Tensor, overwrite_z: bool = False) -> torch.Tensor:
+        """``overwrite_z``: z is a temporary of the caller and may be used as scratch (only without autograd)."""
         shape = y.shape
+        if _inplace_ok():
+            x = F.silu(z, inplace=overwrite_z).mul_(y).reshape(*shape[:-1], -1, self.group_size)
+            x = _at_least_float32(x)
+            # ||x|| / sqrt(n) is the RMS: one reduction pass and no squared temporary.
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            x = x.mul_(norm.square_().div_(self.group_size).add_(self.eps).rsqrt_())
+            x = x.reshape(shape).to(y.dtype)
+            return x.mul_(self.weight.to(x.dtype))
         x = (y * F.silu(z)).reshape(*shape[:-1], -1, self.group_size)
         x = _at_least_float32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -94,24 +136,48 @@ class Mamba2Mixer(nn.Module):
         lead = xs.shape[:-1]
         xs = xs.reshape(*lead, self.num_heads, self.head_dim)  # (..., H, P)
         dt = F.softplus(_at_least_float32(dt) + self.dt_bias)  # (..., H)
-        log_decay = -dt * self.A_log.exp()  # (..., H), <= 0
+        log_decay = dt * self.A_log.exp().neg()  # (..., H), <= 0
         q = c.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
         k = b.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
         v = xs * dt[..., None].to(xs.dtype)  # (..., H, P)
         return xs, q, k, v, log_decay
 
     def _output(self, y: torch.Tensor, xs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        y = y + xs * self.D[:, None].to(xs.dtype)  # (..., H, P)
-        y = self.norm(y.flatten(-2), z)
+        d = self.D[:, None].to(xs.dtype)
+        if _inplace_ok() and y.is_contiguous():
+            y = y.addcmul_(xs, d)  # (..., H, P)
+        else:
+            y = torch.addcmul(y, xs, d)
+        y = self.norm(y.flatten(-2), z, overwrite_z=True)  # z: a slice of this mixer's in_proj output
         return self.out_proj(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[1]
+        return self.scan(x, want_state=False)[0]
+
+    def scan(self, x: torch.Tensor, state=None, want_state: bool = True):
+        """A segment x (B, T, D) from ``state`` (as :meth:`step`'s, or None for the sequence start).
+
+        Returns (y (B, T, D), state after the segment), or (y, None) when ``want_state`` is False.
+        """
+        conv_state, ssm_state = (None, None) if state is None else state
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc = F.silu(self.conv1d(xbc.transpose(1, 2))[..., :length].transpose(1, 2))  # causal: drop the right pad
+        prev = None if conv_state is None else conv_state.transpose(1, 2)  # (B, d_conv-1, C)
+        width = self.d_conv - 1
+        if want_state:  # the last d_conv-1 conv inputs, read before anything is overwritten
+            tail = xbc[:, -width:]
+            if tail.shape[1] < width:
+                before = prev.to(xbc.dtype) if prev is not None else xbc.new_zeros(xbc.shape[0], width, xbc.shape[2])
+                tail = torch.cat([before, tail], 1)[:, -width:]
+            new_conv_state = tail.transpose(1, 2).contiguous()
+        xbc = causal_depthwise_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, prev)
+        xbc = F.silu(xbc, inplace=_inplace_ok())
         xs, q, k, v, log_decay = self._ssd_inputs(xbc, dt)
-        y = linear_recurrence(q, k, v, log_decay, impl=self.impl, chunk_size=self.chunk_size)  # (B, L, H, P)
-        return self._output(y, xs, z)
+        y = linear_recurrence(q, k, v, log_decay, initial_state=ssm_state, return_final_state=want_state,
+                              impl=self.impl, chunk_size=self.chunk_size)  # (B, T, H, P)
+        if want_state:
+            y, ssm_state = y
+        out = self._output(y, xs, z)
+        return out, ((new_conv_state, ssm_state) if want_state else None)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32):
         conv = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
@@ -176,9 +242,15 @@ class GLAMixer(nn.Module):
         return q, k, v, log_decay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scan(x, want_state=False)[0]
+
+    def scan(self, x: torch.Tensor, state=None, want_state: bool = True):
+        """A segment x (B, T, D) from ``state`` ((B, H, N, P) as :meth:`step`'s, or None); returns (y, state)."""
         q, k, v, log_decay = self._inputs(x)
-        y = linear_recurrence(q, k, v, log_decay, impl=self.impl, chunk_size=self.chunk_size)
-        return self.o_proj(self.norm(y.flatten(-2), self.g_proj(x)))
+        y = linear_recurrence(q, k, v, log_decay, initial_state=state, return_final_state=want_state,
+                              impl=self.impl, chunk_size=self.chunk_size)
+        y, state = y if want_state else (y, None)
+        return self.o_proj(self.norm(y.flatten(-2), self.g_proj(x), overwrite_z=True)), state
 
     def step(self, x_t: torch.Tensor, state=None):
         """One token: x_t (B, D), state (B, H, N, P) or None."""
@@ -212,9 +284,15 @@ class HGRNMixer(nn.Module):
         return ones, ones, update[..., None], log_forget
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scan(x, want_state=False)[0]
+
+    def scan(self, x: torch.Tensor, state=None, want_state: bool = True):
+        """A segment x (B, T, D) from ``state`` ((B, C, 1, 1) as :meth:`step`'s, or None); returns (y, state)."""
         q, k, v, log_decay = self._inputs(x)
-        h = linear_recurrence(q, k, v, log_decay, impl=self.impl, chunk_size=self.chunk_size)  # (B, L, C, 1)
-        return self.o_proj(self.norm(h.squeeze(-1), self.g_proj(x)))
+        h = linear_recurrence(q, k, v, log_decay, initial_state=state, return_final_state=want_state,
+                              impl=self.impl, chunk_size=self.chunk_size)  # (B, L, C, 1)
+        h, state = h if want_state else (h, None)
+        return self.o_proj(self.norm(h.squeeze(-1), self.g_proj(x), overwrite_z=True)), state
 
     def step(self, x_t: torch.Tensor, state=None):
         """One token: x_t (B, D), state (B, C, 1, 1) or None."""

@@ -4,9 +4,24 @@ The sequence is cut into chunks of Q tokens. Inside a chunk the recurrence is ev
 (attention-like) form; between chunks only the (N, P) state is carried. Work is O(L·Q·(N+P)) per head and
 matmul-bound, and autograd provides the backward pass.
 
-Numerical stability: every exponent is a difference ``cum_i - cum_j`` with ``i >= j`` of the within-chunk
-cumulative log-decay, which is <= 0. Nothing ever computes ``exp`` of a positive cumulative sum, so strong
-decay (log_decay of -20 per token) underflows to zero instead of overflowing to inf.
+Two ways to evaluate the within-chunk decay weights ``exp(cum_i - cum_j)`` (``cum``: cumulative log-decay
+inside the chunk, ``j <= i``):
+
+- ``exact``: materialise every weight as ``exp`` of a difference, which is <= 0 by construction, so nothing
+  ever overflows (strong decay of -20 per token underflows to zero). Costs one (Q, Q) matrix per head
+  (per-head decay) or one (Q, Q, N) tensor per head (per-channel decay) and a few passes over it.
+- ``factored``: split the weight around the chunk's half-way log-decay ``m = cum_last / 2`` as
+  ``exp(cum_i - m) * exp(m - cum_j)`` and fold the two factors into q/v (per-head) or q/k (per-channel).
+  The intra-chunk term then becomes plain matmuls: for Mamba-2 (one q/k group) ``scores @ (w * v)`` is ONE
+  batched GEMM over all heads in the natural (B, L, H, P) layout, with no per-head (Q, Q) tensors, no
+  layout copies and no final permute. Each factor is bounded by ``exp(span / 2)`` where
+  ``span = -cum_last`` is the total log-decay of the chunk, so the path is taken only when every chunk's
+  span is <= ``MAX_FACTORED_SPAN``; the output is also checked for inf/nan and recomputed with ``exact``
+  should an extreme activation still overflow. Masked (j > i) entries are removed with ``masked_fill``
+  (never by multiplying with 0), so an overflow there cannot turn into a NaN, also not in the backward.
+
+``auto`` (the default) uses ``factored`` when it is safe and ``exact`` otherwise; both are tested against
+the naive loop (tests/test_ops.py). Without autograd, the kernels update their own temporaries in place.
 """
 from __future__ import annotations
 
@@ -15,10 +30,21 @@ import torch.nn.functional as F
 
 from ._validate import expand_groups
 
-# Chosen from benchmarks/ops.py on 2 CPU cores (see docs/performance.md): per-head decays use large chunks
-# (the Q x Q matmuls are cheap), per-channel decays materialise a (Q, Q, N) tensor per chunk and prefer small.
+# Chosen from benchmarks/ops.py on 2 CPU cores (see docs/performance.md, "Chunk size"). Per-head decays: the
+# factored path is three GEMMs per chunk whose efficiency grows with Q while the intra-chunk work grows as Q²;
+# 64 is the measured optimum at L = 1025..4097. Per-channel decays: the factored path has the same structure
+# per head; the exact fallback materialises a (Q, Q, N) tensor per head and prefers small chunks.
 DEFAULT_CHUNK_SIZE_PER_HEAD = 64
-DEFAULT_CHUNK_SIZE_PER_CHANNEL = 16
+DEFAULT_CHUNK_SIZE_PER_CHANNEL = 64
+EXACT_CHUNK_SIZE_PER_CHANNEL = 16
+# Largest total log-decay of one chunk for which the factored path is used: factors stay within
+# exp(±MAX_FACTORED_SPAN / 2) = exp(±50) ≈ 5e21, far inside the float32 range (3e38).
+MAX_FACTORED_SPAN = 100.0
+METHODS = ("auto", "exact", "factored")
+
+
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -30,62 +56,241 @@ def _pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return F.pad(x, widths)
 
 
-def _carry_states(chunk_states, chunk_decay, initial_state):
+def _carry_states(chunk_states, chunk_decay, initial_state, state_scale=None, entering_scale=None):
     """Scan chunk-end contributions into the state *entering* each chunk.
 
-    chunk_states: (B, C, ..., N, P) state produced inside each chunk from a zero start;
-    chunk_decay:  (B, C, ..., N or 1, 1) total decay across each chunk;
-    returns (states entering each chunk (B, C, ..., N, P), final state (B, ..., N, P)).
+    chunk_states: (B, C, ...) state produced inside each chunk from a zero start (times ``1/state_scale``);
+    chunk_decay:  (B, C, ...) broadcastable total decay across each chunk;
+    state_scale, entering_scale: optional (B, C, ...) factors applied to the chunk states and to the
+        returned entering states (the factored path's ``exp(m)``), folded into this small loop instead of
+        costing passes over the big tensors;
+    returns (states entering each chunk (B, C, ...), final state (B, ...)).
     """
+    chunks = chunk_states.shape[1]
+    if not _grad_needed(chunk_states, chunk_decay, initial_state, state_scale, entering_scale):
+        # Write each entering state straight into one buffer: no per-chunk tensors and no final stack copy.
+        entering = chunk_states.new_empty(chunk_states.shape)
+        state = initial_state
+        for c in range(chunks):
+            if entering_scale is None:
+                entering[:, c] = state
+            else:
+                torch.mul(state, entering_scale[:, c], out=entering[:, c])
+            if state_scale is None:
+                state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
+            else:
+                state = torch.addcmul(state * chunk_decay[:, c], chunk_states[:, c], state_scale[:, c])
+        return entering, state
     state = initial_state
     entering = []
-    for c in range(chunk_states.shape[1]):
-        entering.append(state)
-        state = chunk_decay[:, c] * state + chunk_states[:, c]
+    for c in range(chunks):
+        entering.append(state if entering_scale is None else state * entering_scale[:, c])
+        if state_scale is None:
+            state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
+        else:
+            state = torch.addcmul(state * chunk_decay[:, c], chunk_states[:, c], state_scale[:, c])
     return torch.stack(entering, dim=1), state
 
 
-def _chunked_per_head(q, k, v, log_decay, initial_state, chunk_size):
-    # q, k: (B, L, G, N); v: (B, L, H, P); log_decay: (B, L, H); H = G * R heads share each q/k group.
+# Target chunks per matrix product in _scan_chunk_states (groups are balanced): the loop over chunks becomes
+# ~8 ops per group (one small GEMM), which matters on a loaded CPU where every parallel op can wait for a
+# descheduled thread; the GEMM costs ~(group+1) * 2 * N * P FLOPs per chunk and head, so groups stay small.
+SCAN_GROUP = 32
+# How the per-head factored path carries states between chunks: "scan" (the small matmuls above: ~8 ops per
+# group) or "loop" (3 small ops per chunk, no layout copies). On an idle CPU, or with OMP_WAIT_POLICY=PASSIVE,
+# "loop" is ~10-20% faster at L = 1k-4k; on a CPU shared with other processes under the default (spinning)
+# OpenMP wait policy every op can cost milliseconds and "loop" is 3-4x slower. "scan" is the robust default.
+CARRY = "scan"
+
+
+def _scan_chunk_states(states, total, half, initial_state, group: int = SCAN_GROUP):
+    """States entering each chunk, as a small lower-triangular matrix product per group of chunks.
+
+    states: (..., C, F) chunk states from a zero start, scaled by ``exp(-half)`` (the factored path's
+        convention: the true state of chunk j is ``exp(half_j) * states_j``);
+    total, half: (..., C) total log-decay of each chunk and its half;
+    initial_state: (..., F).
+    Returns (entering (..., C, F) with entering_c = exp(half_c) * state before chunk c, final state (..., F)).
+    With T the cumulative chunk log-decay inside a group (T_prev = T - total), row c of the matrix has weight
+    exp(half_c + T_prev_c) for the incoming state and exp(half_c + T_prev_c - T_j + half_j) for chunk j < c; a
+    final row gives the state after the group. Every exponent is <= 0.
+    """
+    chunks = states.shape[-2]
+    group = -(-chunks // -(-chunks // group))  # balanced: ceil(C / number of groups)
+    outs, state = [], initial_state
+    for g0 in range(0, chunks, group):
+        g1 = min(chunks, g0 + group)
+        n = g1 - g0
+        tot, hf = total[..., g0:g1], half[..., g0:g1]
+        cum = tot.cumsum(-1)
+        rows = torch.cat([hf + (cum - tot), cum[..., -1:]], -1)  # (..., n+1): entering rows, then the final row
+        cols = hf - cum  # (..., n)
+        later = torch.ones(n + 1, n, dtype=torch.bool, device=states.device).triu()  # chunk j >= row c: no effect
+        weights = (rows[..., :, None] + cols[..., None, :]).masked_fill_(later, float("-inf"))
+        weights = torch.cat([rows[..., None], weights], -1).exp_()  # (..., n+1, n+1)
+        out = weights @ torch.cat([state.unsqueeze(-2), states[..., g0:g1, :]], -2)  # (..., n+1, F)
+        outs.append(out[..., :n, :])
+        state = out[..., n, :]
+    entering = outs[0] if len(outs) == 1 else torch.cat(outs, -2)
+    return entering, state
+
+
+def _max_span(cum_last: torch.Tensor) -> float:
+    if cum_last.numel() == 0 or cum_last.device.type == "meta":  # meta: shape-only runs (FLOP counting)
+        return 0.0
+    return float(cum_last.detach().amin().neg())
+
+
+# ------------------------------------------------------------------------------------------ per-head decay
+def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size):
+    """Per-head decay, factored weights; None when a chunk's span is too large (caller falls back to exact)."""
     batch, length, groups, key_dim = q.shape
     heads, value_dim = v.shape[2], v.shape[3]
     rep = heads // groups
+    grad = _grad_needed(q, k, v, log_decay, initial_state)
     q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
     chunks = q.shape[1] // chunk_size
-    q = q.view(batch, chunks, chunk_size, groups, key_dim).transpose(2, 3)  # (B, C, G, Q, N)
-    k = k.view(batch, chunks, chunk_size, groups, key_dim).transpose(2, 3)  # (B, C, G, Q, N)
-    v = v.view(batch, chunks, chunk_size, groups, rep, value_dim).permute(0, 1, 3, 4, 2, 5)  # (B, C, G, R, Q, P)
-    cum = log_decay.view(batch, chunks, chunk_size, groups, rep).permute(0, 1, 3, 4, 2).cumsum(-1)  # (B, C, G, R, Q)
+    bc = batch * chunks
+    cum = log_decay.reshape(batch, chunks, chunk_size, heads).cumsum(2)  # (B, C, Q, H)
+    half = cum[:, :, -1:] * 0.5  # (B, C, 1, H): the half-way point m of each chunk's log-decay
+    if _max_span(half) * 2 > MAX_FACTORED_SPAN:
+        return None
+    u = (cum - half).exp()  # exp(cum_i - m), applied to the output rows
+    w = torch.reciprocal(u)  # exp(m - cum_j), applied to the values
+    vw = (v.reshape(batch, chunks, chunk_size, heads, value_dim) * w[..., None]).reshape(bc, chunk_size, heads * value_dim)
+    qg = q.reshape(bc, chunk_size, groups, key_dim)
+    kg = k.reshape(bc, chunk_size, groups, key_dim)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
 
-    # Intra-chunk: y_i = sum_{j<=i} exp(cum_i - cum_j) (q_i . k_j) v_j. q.k is computed once per group.
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    segment = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, C, G, R, Q, Q)
-    scores = (q @ k.transpose(-1, -2)).unsqueeze(3) * segment  # (B, C, G, R, Q, Q)
-    y = scores @ v  # (B, C, G, R, Q, P)
+    ys, states = [], []
+    for g in range(groups):  # Mamba-2 has one group: one GEMM per term for all heads
+        qq, kk = qg[:, :, g], kg[:, :, g]
+        vg = vw if groups == 1 else vw.view(bc, chunk_size, groups, rep * value_dim)[:, :, g]
+        scores = torch.bmm(qq, kk.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BC, Q, Q)
+        ys.append(torch.bmm(scores, vg))  # intra-chunk, still without the exp(cum_i - m) row factor
+        states.append(torch.bmm(kk.transpose(1, 2), vg))  # (BC, N, R*P), times exp(-m) of the true state
+    states = states[0] if groups == 1 else torch.stack(states, 2)
+    states = states.view(batch, chunks, key_dim, heads, value_dim)
+
+    # y_i = exp(cum_i - m) * [sum_j s_ij w_j v_j + exp(m) q_i^T S_entering].
+    if CARRY == "scan":  # head-major small matmuls
+        if initial_state is None:
+            state = states.new_zeros(batch, heads, key_dim * value_dim)
+        else:
+            state = initial_state.to(states.dtype).reshape(batch, heads, key_dim * value_dim)
+        half_h = half.view(batch, chunks, heads).transpose(1, 2)  # (B, H, C)
+        states = states.permute(0, 3, 1, 2, 4).reshape(batch, heads, chunks, key_dim * value_dim)
+        entering, final_state = _scan_chunk_states(states, half_h * 2, half_h, state)
+        entering = entering.view(batch, heads, chunks, key_dim, value_dim).permute(0, 2, 3, 1, 4)
+        final_state = final_state.view(batch, heads, key_dim, value_dim)
+    else:  # loop over chunks in the natural layout
+        ehalf = half.exp().view(batch, chunks, 1, heads, 1)
+        decay = (half * 2).exp().view(batch, chunks, 1, heads, 1)
+        if initial_state is None:
+            state = states.new_zeros(batch, key_dim, heads, value_dim)
+        else:
+            state = initial_state.to(states.dtype).transpose(1, 2)
+        entering, final_state = _carry_states(states, decay, state, state_scale=ehalf, entering_scale=ehalf)
+        final_state = final_state.transpose(1, 2)
+    entering = entering.reshape(bc, key_dim, heads * value_dim)
+    for g in range(groups):
+        eg = entering if groups == 1 else entering.view(bc, key_dim, groups, rep * value_dim)[:, :, g]
+        ys[g] = torch.baddbmm(ys[g], qg[:, :, g], eg) if grad else ys[g].baddbmm_(qg[:, :, g], eg)
+    y = ys[0] if groups == 1 else torch.stack(ys, 2)
+    y = y.view(batch, chunks, chunk_size, heads, value_dim)
+    y = y * u[..., None] if grad else y.mul_(u[..., None])
+    y = y.view(batch, chunks * chunk_size, heads, value_dim)[:, :length]
+    return y, final_state
+
+
+def _per_head_exact(q, k, v, log_decay, initial_state, chunk_size):
+    batch, length, groups, key_dim = q.shape
+    heads, value_dim = v.shape[2], v.shape[3]
+    rep = heads // groups
+    grad = _grad_needed(q, k, v, log_decay, initial_state)
+    q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
+    chunks = q.shape[1] // chunk_size
+    bc = batch * chunks
+    cum = log_decay.reshape(batch, chunks, chunk_size, heads).cumsum(2)  # (B, C, Q, H)
+    qg = q.reshape(bc, chunk_size, groups, key_dim)
+    kg = k.reshape(bc, chunk_size, groups, key_dim)
+    vv = v.reshape(bc, chunk_size, heads, value_dim)
+
+    # Intra-chunk: y_i = sum_{j<=i} exp(cum_i - cum_j) (q_i . k_j) v_j, one (Q, Q) weight matrix per head.
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    cum_h = cum.permute(3, 0, 1, 2).reshape(heads, bc, chunk_size)  # (H, BC, Q)
+    segment = (cum_h[..., :, None] - cum_h[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+    scores = torch.stack([torch.bmm(qg[:, :, g], kg[:, :, g].transpose(1, 2)) for g in range(groups)])
+    scores = scores[:, None]  # (G, 1, BC, Q, Q)
+    weights = segment.view(groups, rep, bc, chunk_size, chunk_size)
+    weights = weights * scores if grad else weights.mul_(scores)
+    v_heads = vv.permute(2, 0, 1, 3).reshape(heads * bc, chunk_size, value_dim)
+    intra = torch.bmm(weights.reshape(heads * bc, chunk_size, chunk_size), v_heads).view(heads, bc, chunk_size, value_dim)
 
     # State each chunk hands on (from a zero start): sum_j exp(cum_last - cum_j) k_j v_j^T.
-    to_end = (cum[..., -1:] - cum).exp()  # (B, C, G, R, Q)
-    weighted_v = (v * to_end[..., None]).transpose(3, 4).reshape(batch, chunks, groups, chunk_size, rep * value_dim)
-    chunk_states = (k.transpose(-1, -2) @ weighted_v).view(batch, chunks, groups, key_dim, rep, value_dim)
-    chunk_states = chunk_states.transpose(3, 4)  # (B, C, G, R, N, P)
+    to_end = (cum[:, :, -1:] - cum).exp().view(bc, chunk_size, heads, 1)
+    weighted_v = vv * to_end  # (BC, Q, H, P)
+    states = [torch.bmm(kg[:, :, g].transpose(1, 2), weighted_v[:, :, g * rep:(g + 1) * rep].reshape(bc, chunk_size, -1))
+              for g in range(groups)]
+    states = (states[0] if groups == 1 else torch.stack(states, 2)).view(batch, chunks, key_dim, heads, value_dim)
+    decay = cum[:, :, -1].exp().view(batch, chunks, 1, heads, 1)
+    if initial_state is None:
+        state = states.new_zeros(batch, key_dim, heads, value_dim)
+    else:
+        state = initial_state.to(states.dtype).transpose(1, 2)
+    entering, final_state = _carry_states(states, decay, state)
+    entering = entering.view(bc, key_dim, heads * value_dim)
+
+    # Inter-chunk: y_i = exp(cum_i) q_i^T S_entering, then add the intra-chunk part (head-major -> natural).
+    carried = [torch.bmm(qg[:, :, g], entering.view(bc, key_dim, groups, -1)[:, :, g]) for g in range(groups)]
+    y = (carried[0] if groups == 1 else torch.stack(carried, 2)).view(bc, chunk_size, heads, value_dim)
+    ecum = cum.exp().view(bc, chunk_size, heads, 1)
+    y = y * ecum if grad else y.mul_(ecum)
+    intra = intra.permute(1, 2, 0, 3)
+    y = y + intra if grad else y.add_(intra)
+    y = y.view(batch, chunks * chunk_size, heads, value_dim)[:, :length]
+    return y, final_state.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------- per-channel decay
+def _head_major(x: torch.Tensor, batch: int, chunks: int, chunk_size: int) -> torch.Tensor:
+    """(B, C*Q, H, D) -> contiguous (B*C*H, Q, D)."""
+    heads, dim = x.shape[2], x.shape[3]
+    return x.reshape(batch, chunks, chunk_size, heads, dim).transpose(2, 3).reshape(-1, chunk_size, dim)
+
+
+def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size):
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[3]
+    grad = _grad_needed(q, k, v, log_decay, initial_state)
+    q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
+    chunks = q.shape[1] // chunk_size
+    q, k, v, cum = (_head_major(t, batch, chunks, chunk_size) for t in (q, k, v, log_decay))  # (BCH, Q, D)
+    cum = cum.cumsum(1)
+    half = cum[:, -1:] * 0.5  # (BCH, 1, N)
+    if _max_span(half) * 2 > MAX_FACTORED_SPAN:
+        return None
+    q_t = q * (cum - half).exp()  # q_i * exp(cum_i - m), per key channel
+    k_t = k * (half - cum).exp()  # k_j * exp(m - cum_j)
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
+    scores = torch.bmm(q_t, k_t.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BCH, Q, Q)
+    y = torch.bmm(scores, v)  # (BCH, Q, P)
+    states = torch.bmm(k_t.transpose(1, 2), v)  # (BCH, N, P) times exp(-m) per key row
 
     if initial_state is None:
-        initial_state = chunk_states.new_zeros(batch, groups, rep, key_dim, value_dim)
+        state = states.new_zeros(batch, heads, key_dim, value_dim)
     else:
-        initial_state = initial_state.view(batch, groups, rep, key_dim, value_dim).to(chunk_states.dtype)
-    chunk_decay = cum[..., -1].exp()[..., None, None]  # (B, C, G, R, 1, 1)
-    entering, final_state = _carry_states(chunk_states, chunk_decay, initial_state)
-
-    # Inter-chunk: y_i += exp(cum_i) q_i^T S_entering.
-    entering = entering.transpose(3, 4).reshape(batch, chunks, groups, key_dim, rep * value_dim)
-    carried = (q @ entering).view(batch, chunks, groups, chunk_size, rep, value_dim).transpose(3, 4)
-    y = y + carried * cum.exp()[..., None]  # (B, C, G, R, Q, P)
-
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length]
-    return y, final_state.reshape(batch, heads, key_dim, value_dim)
+        state = initial_state.to(states.dtype)
+    half_k = half.view(batch, chunks, heads, key_dim).permute(0, 2, 3, 1)  # (B, H, N, C)
+    states = states.view(batch, chunks, heads, key_dim, value_dim).permute(0, 2, 3, 1, 4)  # (B, H, N, C, P)
+    entering, final_state = _scan_chunk_states(states, half_k * 2, half_k, state)
+    entering = entering.permute(0, 3, 1, 2, 4).reshape(-1, key_dim, value_dim)
+    y = torch.baddbmm(y, q_t, entering) if grad else y.baddbmm_(q_t, entering)
+    y = y.view(batch, chunks, heads, chunk_size, value_dim).transpose(2, 3)
+    return y.reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length], final_state
 
 
-def _chunked_per_channel(q, k, v, log_decay, initial_state, chunk_size):
+def _per_channel_exact(q, k, v, log_decay, initial_state, chunk_size):
     # q, k, log_decay: (B, L, H, N); v: (B, L, H, P).
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[3]
@@ -116,23 +321,67 @@ def _chunked_per_channel(q, k, v, log_decay, initial_state, chunk_size):
     return y, final_state
 
 
+def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head):
+    """One pass of the chunked kernel (inputs already in the accumulation dtype); returns (y, state)."""
+    result = None
+    if method != "exact":
+        size = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
+        if per_head:
+            result = _per_head_factored(q, k, v, log_decay, initial_state, size)
+        else:
+            heads = v.shape[2]
+            result = _per_channel_factored(expand_groups(q, heads), expand_groups(k, heads), v, log_decay,
+                                           initial_state, size)
+        # A finite input whose factors still overflow (extreme activations) gets the exact path. Any inf/nan
+        # element makes the sum inf/nan: one read pass instead of isfinite's four (a finite sum that
+        # overflows only costs a needless, still exact, recomputation).
+        if result is not None and result[0].device.type != "meta" and not bool(torch.isfinite(result[0].sum())):
+            result = None
+    if result is None:
+        if per_head:
+            result = _per_head_exact(q, k, v, log_decay, initial_state, chunk_size or DEFAULT_CHUNK_SIZE_PER_HEAD)
+        else:
+            heads = v.shape[2]
+            result = _per_channel_exact(expand_groups(q, heads), expand_groups(k, heads), v, log_decay,
+                                        initial_state, chunk_size or EXACT_CHUNK_SIZE_PER_CHANNEL)
+    return result
+
+
+# Without autograd, sequences longer than ~1.5x this run in segments of about this many tokens (whole chunks),
+# carrying the state: every temporary stays a few MB, which the allocator recycles, instead of tens of MB
+# that are page-faulted in afresh on every call (on the 2-core benchmark machine a fresh page costs ~3 us:
+# at L=4097 the faults took as long as the arithmetic). See docs/performance.md.
+SEGMENT_TOKENS = 2048
+
+
 def chunked_linear_recurrence(
-    q, k, v, log_decay, initial_state=None, return_final_state=False, chunk_size: int | None = None
+    q, k, v, log_decay, initial_state=None, return_final_state=False, chunk_size: int | None = None,
+    method: str = "auto",
 ):
     """Args and returns as :func:`vitlinearizer.ops.linear_recurrence`; ``chunk_size`` defaults per decay kind.
 
-    Computes in float32 for lower-precision inputs (the recurrence state is never kept in bf16/fp16).
+    ``method``: ``auto`` (factored when safe, else exact), ``exact`` or ``factored`` (still falls back to
+    exact for a chunk span above ``MAX_FACTORED_SPAN``). Computes in float32 for lower-precision inputs (the
+    recurrence state is never kept in bf16/fp16).
     """
+    if method not in METHODS:
+        raise ValueError(f"chunked_linear_recurrence: method must be one of {', '.join(METHODS)}, got {method!r}")
     out_dtype = v.dtype
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, log_decay = (t.to(acc) for t in (q, k, v, log_decay))
-    if log_decay.dim() == 3:
-        size = chunk_size or DEFAULT_CHUNK_SIZE_PER_HEAD
-        y, state = _chunked_per_head(q, k, v, log_decay, initial_state, size)
-    else:
-        size = chunk_size or DEFAULT_CHUNK_SIZE_PER_CHANNEL
-        heads = v.shape[2]
-        y, state = _chunked_per_channel(
-            expand_groups(q, heads), expand_groups(k, heads), v, log_decay, initial_state, size
-        )
-    return y.to(out_dtype), (state if return_final_state else None)
+    per_head = log_decay.dim() == 3
+    length = q.shape[1]
+    align = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
+    segments = max(1, round(length / SEGMENT_TOKENS)) if SEGMENT_TOKENS else 1
+    if segments == 1 or _grad_needed(q, k, v, log_decay, initial_state) or q.device.type == "meta":
+        y, state = _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head)
+        return y.to(out_dtype), (state.contiguous() if return_final_state else None)
+    seg = -(-(-(-length // segments)) // align) * align  # ceil(L / segments), rounded up to whole chunks
+    y = v.new_empty(v.shape, dtype=out_dtype)
+    state = initial_state
+    for start in range(0, length, seg):
+        part = slice(start, min(start + seg, length))
+        y_part, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size,
+                                    method, per_head)
+        y[:, part] = y_part
+    return y, (state.contiguous() if return_final_state else None)

@@ -1,0 +1,221 @@
+"""The speed paths against their references: factored chunked kernel, chunk-state scan, token-major conv,
+mixer ``scan`` segments, the streaming Adventurer block and the no-autograd in-place model forward."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import vitlinearizer  # noqa: F401
+from vitlinearizer.models.adventurer import AdventurerBlock
+from vitlinearizer.models.mixers import MIXERS, GatedRMSNorm, causal_depthwise_conv, create_mixer
+from vitlinearizer.ops import chunked as chunked_mod
+from vitlinearizer.ops import linear_recurrence
+from vitlinearizer.ops.chunked import chunked_linear_recurrence
+
+
+def rel_err(ref, other):
+    return ((ref - other).double().pow(2).mean().sqrt() / ref.double().pow(2).mean().sqrt().clamp_min(1e-3)).item()
+
+
+def inputs(batch, length, heads, groups, key_dim, value_dim, per_channel, seed=0, scale=1.0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, length, groups, key_dim, generator=gen, dtype=dtype) / math.sqrt(key_dim)
+    k = torch.randn(batch, length, groups, key_dim, generator=gen, dtype=dtype)
+    v = torch.randn(batch, length, heads, value_dim, generator=gen, dtype=dtype)
+    shape = (batch, length, heads, key_dim) if per_channel else (batch, length, heads)
+    a = -torch.rand(shape, generator=gen, dtype=dtype) * scale
+    s0 = torch.randn(batch, heads, key_dim, value_dim, generator=gen, dtype=dtype)
+    return [t.requires_grad_() for t in (q, k, v, a, s0)]
+
+
+def outputs_and_grads(fn, ins, seed=1):
+    y, s = fn(*ins)
+    gen = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    ds = torch.randn(s.shape, generator=gen, dtype=s.dtype)
+    return y, s, torch.autograd.grad((y * dy).sum() + (s * ds).sum(), ins)
+
+
+@pytest.mark.parametrize("method", ["factored", "exact"])
+@pytest.mark.parametrize("per_channel,groups", [(False, 1), (False, 2), (True, 4)], ids=["head_g1", "head_g2", "chan"])
+@pytest.mark.parametrize("length,chunk", [(1, 8), (37, 8), (300, 8)])  # 300/8 = 38 chunks: two scan groups
+def test_chunked_methods_match_naive(method, per_channel, groups, length, chunk):
+    ins = inputs(2, length, 4, groups, 5, 3, per_channel, seed=length)
+    ref = outputs_and_grads(lambda *t: linear_recurrence(*t[:4], initial_state=t[4], return_final_state=True,
+                                                          impl="naive"), ins)
+    got = outputs_and_grads(lambda *t: chunked_linear_recurrence(*t[:4], t[4], True, chunk, method=method), ins)
+    assert rel_err(ref[0], got[0]) < 1e-10 and rel_err(ref[1], got[1]) < 1e-10
+    for a, b in zip(ref[2], got[2]):
+        assert rel_err(a, b) < 1e-10
+    with torch.no_grad():  # the in-place (no autograd) variant
+        y, s = chunked_linear_recurrence(*[t.detach() for t in ins[:4]], ins[4].detach(), True, chunk, method=method)
+    assert rel_err(ref[0], y) < 1e-10 and rel_err(ref[1], s) < 1e-10
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_large_spans_fall_back_to_exact(per_channel, monkeypatch):
+    ins = [t.detach() for t in inputs(1, 200, 2, 2, 4, 3, per_channel, seed=3, scale=20.0)]
+    ref = linear_recurrence(*ins[:4], initial_state=ins[4], impl="naive")
+    calls = []
+    exact = chunked_mod._per_channel_exact if per_channel else chunked_mod._per_head_exact
+    name = "_per_channel_exact" if per_channel else "_per_head_exact"
+    monkeypatch.setattr(chunked_mod, name, lambda *a: calls.append(1) or exact(*a))
+    y, _ = chunked_linear_recurrence(*ins[:4], ins[4])
+    assert calls and rel_err(ref, y) < 1e-8
+    # Even with the span guard switched off, the overflow check catches inf/nan and recomputes exactly.
+    calls.clear()
+    monkeypatch.setattr(chunked_mod, "MAX_FACTORED_SPAN", 1e9)
+    y, _ = chunked_linear_recurrence(*[t.float() for t in ins[:4]], ins[4].float(), chunk_size=64)
+    assert calls and torch.isfinite(y).all() and rel_err(ref, y) < 1e-3
+
+
+def test_auto_takes_the_factored_path_for_model_like_decays(monkeypatch):
+    ins = [t.detach() for t in inputs(1, 130, 4, 1, 8, 8, False, scale=0.5)]
+    monkeypatch.setattr(chunked_mod, "_per_head_exact", lambda *a: pytest.fail("exact path used"))
+    chunked_linear_recurrence(*ins[:4])
+
+
+def test_scan_of_chunk_states_matches_a_loop():
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 3, 70, 5, generator=gen, dtype=torch.float64)
+    total = -torch.rand(2, 3, 70, generator=gen, dtype=torch.float64) * 3
+    half = total / 2
+    init = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    entering, final = chunked_mod._scan_chunk_states(states, total, half, init, group=16)
+    state, expected = init, []
+    for c in range(70):
+        expected.append(state * half[..., c, None].exp())
+        state = state * total[..., c, None].exp() + states[..., c, :] * half[..., c, None].exp()
+    torch.testing.assert_close(entering, torch.stack(expected, -2))
+    torch.testing.assert_close(final, state)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 10])
+def test_token_major_conv_matches_conv1d_and_carries_segments(length):
+    torch.manual_seed(0)
+    conv = nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    x = torch.randn(2, length + 7, 6, dtype=torch.float64)
+    ref = conv(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+    out = causal_depthwise_conv(x, conv.weight[:, 0], conv.bias)
+    torch.testing.assert_close(out, ref)
+    head, tail = x[:, :7], x[:, 7:]  # second segment of `length` tokens with the previous 3 inputs carried
+    torch.testing.assert_close(causal_depthwise_conv(tail, conv.weight[:, 0], conv.bias, head[:, -3:]), ref[:, 7:])
+
+
+CONFIGS = {"mamba2": dict(d_state=16, head_dim=16), "gla": dict(num_heads=2), "hgrn": dict()}
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_scan_segments_equal_forward_and_continue_with_step(name):
+    torch.manual_seed(0)
+    mixer = create_mixer(name, 32, **CONFIGS[name], chunk_size=8).double().eval()
+    x = torch.randn(2, 41, 32, dtype=torch.float64)
+    ref = mixer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x), ref)  # in-place no-autograd path
+        state, parts = None, []
+        for a, b in [(0, 1), (1, 3), (3, 20), (20, 41)]:
+            y, state = mixer.scan(x[:, a:b], state)
+            parts.append(y)
+        torch.testing.assert_close(torch.cat(parts, 1), ref)
+        y, state = mixer.scan(x[:, :30])
+        steps = []
+        for t in range(30, 41):
+            y_t, state = mixer.step(x[:, t], state)
+            steps.append(y_t)
+        torch.testing.assert_close(torch.stack(steps, 1), ref[:, 30:])
+
+
+def test_gated_rmsnorm_leaves_z_alone_unless_told():
+    norm = GatedRMSNorm(8, group_size=4).double()
+    y, z = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    ref = norm(y, z)
+    z0 = z.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(norm(y, z), ref)
+        assert torch.equal(z, z0)
+        torch.testing.assert_close(norm(y, z, overwrite_z=True), ref)
+
+
+@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("slab", [0, 4, 16, 41])
+def test_streaming_block_equals_parallel_block(mixer, flip, slab):
+    torch.manual_seed(0)
+    block = AdventurerBlock(32, mixer=mixer, mixer_kwargs=CONFIGS[mixer], flip=flip).double().eval()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    ref = block(x)  # autograd on: the parallel reference path
+    block.stream_slab_tokens = slab
+    with torch.no_grad():
+        assert block._streamable(x)
+        torch.testing.assert_close(block(x), ref)
+        x2 = x.clone()
+        out = block._forward_streaming(x2, out=x2)  # in place, as Adventurer.forward_features runs it
+        assert out.data_ptr() == x2.data_ptr()
+        torch.testing.assert_close(out, ref)
+
+
+def test_model_inference_path_equals_autograd_path():
+    model = timm.create_model("adventurer_tiny_patch16_224", depth=4, num_classes=7).double().eval()
+    for block in model.blocks:
+        block.stream_slab_tokens = 16
+    x = torch.randn(2, 3, 96, 112, dtype=torch.float64)
+    ref = model.forward_features(x)  # autograd: parallel blocks, conv patch embed semantics
+    with torch.no_grad():
+        fast = model.forward_features(x)  # streaming blocks, in place, cached resampled pos embed
+        torch.testing.assert_close(fast, ref)
+        torch.testing.assert_close(model.forward_features(x), ref)  # second call uses the cached pos embed
+        conv = model.patch_embed(x)
+        torch.testing.assert_close(model._patchify(x), conv)
+        model.pos_embed.add_(1.0)  # an in-place update of the weights invalidates the cache
+        moved = model.forward_features(x)
+    with torch.enable_grad():
+        torch.testing.assert_close(moved, model.forward_features(x))
+    final, inter = model.forward_intermediates(x.detach(), indices=[1, 3])
+    with torch.no_grad():
+        final2, inter2 = model.forward_intermediates(x, indices=[1, 3])
+    torch.testing.assert_close(final2, final)
+    for a, b in zip(inter, inter2):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_streaming_forward_is_close_to_float32():
+    model = timm.create_model("adventurer_nano_patch4_28").eval()
+    for block in model.blocks:
+        block.stream_slab_tokens = 32
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and rel_err(ref, out.float()) < 0.1
+
+
+def test_meta_device_forward_runs_for_flop_counting():
+    with torch.device("meta"):
+        model = timm.create_model("adventurer_nano_patch4_28").eval()
+        x = torch.empty(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 10)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_no_grad_long_sequences_run_in_segments(per_channel, monkeypatch):
+    monkeypatch.setattr(chunked_mod, "SEGMENT_TOKENS", 40)  # 300 tokens -> 8 segments of 40 (whole chunks of 8)
+    ins = [t.detach() for t in inputs(2, 300, 3, 3 if per_channel else 1, 4, 5, per_channel, seed=9)]
+    ref_y, ref_s = linear_recurrence(*ins[:4], initial_state=ins[4], return_final_state=True, impl="naive")
+    with torch.no_grad():
+        y, s = chunked_linear_recurrence(*ins[:4], ins[4], True, 8)
+    assert rel_err(ref_y, y) < 1e-10 and rel_err(ref_s, s) < 1e-10
+
+
+@pytest.mark.parametrize("carry", ["scan", "loop"])
+def test_per_head_carry_variants_match(carry, monkeypatch):
+    monkeypatch.setattr(chunked_mod, "CARRY", carry)
+    ins = inputs(2, 150, 4, 2, 5, 3, False, seed=4)
+    ref = outputs_and_grads(lambda *t: linear_recurrence(*t[:4], initial_state=t[4], return_final_state=True,
+                                                          impl="naive"), ins)
+    got = outputs_and_grads(lambda *t: chunked_linear_recurrence(*t[:4], t[4], True, 8, method="factored"), ins)
+    for a, b in zip([ref[0], ref[1], *ref[2]], [got[0], got[1], *got[2]]):
+        assert rel_err(a, b) < 1e-10
