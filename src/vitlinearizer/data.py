@@ -4,6 +4,7 @@ Every dataset yields ``(float tensor (3, H, W), int label)`` and has ``classes``
 split is carved from the training data so that model selection never looks at the test set."""
 from __future__ import annotations
 
+import abc
 import copy
 import gzip
 import os
@@ -118,7 +119,7 @@ class DataConfig:
         return self
 
 
-class VisionDataset(Dataset):
+class VisionDataset(Dataset, abc.ABC):
     """A list of (key, label) pairs plus a loader; splits and subsets are cheap copies with fewer keys."""
 
     def __init__(self, keys: Sequence, targets: Sequence[int], classes: Sequence[str],
@@ -134,8 +135,9 @@ class VisionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def load(self, i: int) -> Image.Image:  # subclasses: RGB PIL image of sample i, before transforms
-        raise NotImplementedError
+    @abc.abstractmethod
+    def load(self, i: int) -> Image.Image:
+        """RGB PIL image of sample ``i``, before transforms."""
 
     def _finish(self, img: Image.Image, i: int):
         x = self.transform(img) if self.transform is not None else pil_to_tensor(img).float().div_(255)
