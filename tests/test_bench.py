@@ -39,7 +39,7 @@ def test_quick_cli_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
 
 
 def test_budget_skips_are_marked_without_running_anything(tmp_path):
-    opts = bench.BenchOptions(pairs=["base"], sizes=[(2048, 2048)], dtypes=["float32"], time_budget=1.0,
+    opts = bench.BenchOptions(pairs=["demo"], sizes=[(512, 512)], dtypes=["float32"], time_budget=1.0,
                               max_minutes=1.0, device="cpu", output_dir=str(tmp_path))
     results = bench.run_bench(opts, log=lambda *_: None)
     (row,) = results["rows"]

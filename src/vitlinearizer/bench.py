@@ -61,36 +61,36 @@ QUICK = dict(pairs=["demo"], sizes=["32", "64"], dtypes=["float32"], repeats=2, 
 # ------------------------------------------------------------------------------------------- CLI
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``vitlinearizer bench`` (documented in docs/performance.md)."""
-    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=None, metavar="PAIR",
+    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=argparse.SUPPRESS, metavar="PAIR",
                         help="student/teacher pairs: small (Adventurer-S vs ViT-S/16), base (Adventurer-B vs "
                              "ViT-B/16), demo (adventurer_micro_patch4_28 vs a 6-block ViT, width 192, patch 4) "
                              "(default: small demo base)")
-    parser.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
+    parser.add_argument("--sizes", nargs="+", default=argparse.SUPPRESS, metavar="SIZE",
                         help=f"input sizes, S or HxW (default: {' '.join(DEFAULT_SIZES)})")
-    parser.add_argument("--dtypes", nargs="+", default=None, metavar="DTYPE",
+    parser.add_argument("--dtypes", nargs="+", default=argparse.SUPPRESS, metavar="DTYPE",
                         help="float32 | bf16 | fp16 (default: float32 bf16; on CPU bf16 runs after every "
                              "float32 configuration, within the time budget)")
-    parser.add_argument("--batch", type=int, default=None, help="images per forward for throughput (default 8)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--batch", type=int, default=argparse.SUPPRESS, help="images per forward for throughput (default 8)")
+    parser.add_argument("--repeats", type=int, default=argparse.SUPPRESS,
                         help="timed repetitions per model (default 5; fewer where the budget requires)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed forwards per model first (default 1)")
+    parser.add_argument("--warmup", type=int, default=argparse.SUPPRESS, help="untimed forwards per model first (default 1)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int, default=argparse.SUPPRESS,
                         help="CPU threads (torch.set_num_threads) in every measuring process (default: torch's)")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--time-budget", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
                         help="skip what a configuration (pair, size, dtype) cannot finish in this time, by an "
                              "estimate from FLOPs and the rates measured so far (default: 120 on CPU, 60 on CUDA)")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--max-minutes", type=float, default=argparse.SUPPRESS,
                         help="stop starting configurations after this much time (default: 12 on CPU, 6 on CUDA; "
                              "a configuration already started may run its --time-budget past it)")
-    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default=None,
+    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default=argparse.SUPPRESS,
                         help="OMP_WAIT_POLICY of the measuring processes (default: passive on CPU: idle OpenMP "
                              "threads sleep instead of spinning, which on a CPU shared with other processes "
                              "keeps them from stealing the core of the thread doing the work; inherit: leave "
                              "the environment as it is)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--output-dir", default="benchmarks/results", help="where the JSON/markdown/plot go")
-    parser.add_argument("--tag", default=None, help="file name stem (default: bench_<device>[_<gpu name>])")
+    parser.add_argument("--tag", default=argparse.SUPPRESS, help="file name stem (default: bench_<device>[_<gpu name>])")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke test: demo pair at 32 and 64 px, float32, 2 repeats, batch 2")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (FLOPs, estimates) and exit")
@@ -98,7 +98,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_from_args(args: argparse.Namespace) -> int:
     opts = BenchOptions.from_args(args)
-    if args.dry_run:
+    if getattr(args, "dry_run", False):
         for line in plan_lines(opts):
             print(line)
         return 0
@@ -146,13 +146,13 @@ class BenchOptions:
             repeats=int(pick("repeats", 5)),
             warmup=int(pick("warmup", 1)),
             device=device,
-            threads=args.threads,
+            threads=getattr(args, "threads", None),
             time_budget=float(pick("time_budget", 120.0 if cpu else 60.0)),
             max_minutes=float(pick("max_minutes", 12.0 if cpu else 6.0)),
             memory=not args.no_memory,
-            omp_wait_policy=args.omp_wait_policy or ("passive" if cpu else "inherit"),
+            omp_wait_policy=getattr(args, "omp_wait_policy", None) or ("passive" if cpu else "inherit"),
             output_dir=args.output_dir,
-            tag=args.tag,
+            tag=getattr(args, "tag", None),
             command=sys.argv[:],
         )
         if opts.batch < 1 or opts.repeats < 1 or opts.warmup < 0:
