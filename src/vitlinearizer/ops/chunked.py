@@ -142,8 +142,12 @@ def _max_span(cum_last: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ per-head decay
-def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size):
-    """Per-head decay, factored weights; None when a chunk's span is too large (caller falls back to exact)."""
+def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True):
+    """Per-head decay, factored weights; None when a chunk's span is too large (caller falls back to exact).
+
+    Returns (y, final state), the state None when ``want_state`` is False and nothing needs carrying (one
+    chunk, no initial state): short training sequences then skip the state GEMM and the chunk scan.
+    """
     batch, length, groups, key_dim = q.shape
     heads, value_dim = v.shape[2], v.shape[3]
     rep = heads // groups
@@ -162,13 +166,19 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size):
     kg = k.reshape(bc, chunk_size, groups, key_dim)
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
 
+    carry = want_state or chunks > 1 or initial_state is not None
     ys, states = [], []
     for g in range(groups):  # Mamba-2 has one group: one GEMM per term for all heads
         qq, kk = qg[:, :, g], kg[:, :, g]
         vg = vw if groups == 1 else vw.view(bc, chunk_size, groups, rep * value_dim)[:, :, g]
         scores = torch.bmm(qq, kk.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BC, Q, Q)
         ys.append(torch.bmm(scores, vg))  # intra-chunk, still without the exp(cum_i - m) row factor
-        states.append(torch.bmm(kk.transpose(1, 2), vg))  # (BC, N, R*P), times exp(-m) of the true state
+        if carry:
+            states.append(torch.bmm(kk.transpose(1, 2), vg))  # (BC, N, R*P), times exp(-m) of the true state
+    if not carry:
+        y = ys[0] if groups == 1 else torch.stack(ys, 2)
+        y = y.view(batch, chunk_size, heads, value_dim)
+        return (y * u.view(batch, chunk_size, heads, 1) if grad else y.mul_(u.view(batch, chunk_size, heads, 1))), None
     states = states[0] if groups == 1 else torch.stack(states, 2)
     states = states.view(batch, chunks, key_dim, heads, value_dim)
 
@@ -259,7 +269,7 @@ def _head_major(x: torch.Tensor, batch: int, chunks: int, chunk_size: int) -> to
     return x.reshape(batch, chunks, chunk_size, heads, dim).transpose(2, 3).reshape(-1, chunk_size, dim)
 
 
-def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size):
+def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[3]
     grad = _grad_needed(q, k, v, log_decay, initial_state)
@@ -275,6 +285,8 @@ def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size):
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
     scores = torch.bmm(q_t, k_t.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BCH, Q, Q)
     y = torch.bmm(scores, v)  # (BCH, Q, P)
+    if not want_state and chunks == 1 and initial_state is None:  # nothing to carry (see _per_head_factored)
+        return y.view(batch, heads, chunk_size, value_dim).transpose(1, 2), None
     states = torch.bmm(k_t.transpose(1, 2), v)  # (BCH, N, P) times exp(-m) per key row
 
     if initial_state is None:
@@ -321,17 +333,20 @@ def _per_channel_exact(q, k, v, log_decay, initial_state, chunk_size):
     return y, final_state
 
 
-def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head):
-    """One pass of the chunked kernel (inputs already in the accumulation dtype); returns (y, state)."""
+def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, want_state=True):
+    """One pass of the chunked kernel (inputs already in the accumulation dtype); returns (y, state), the
+    state possibly None when ``want_state`` is False."""
     result = None
+    length = q.shape[1]
     if method != "exact":
         size = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
+        size = max(1, min(size, length))  # a sequence shorter than a chunk is one chunk, not padded
         if per_head:
-            result = _per_head_factored(q, k, v, log_decay, initial_state, size)
+            result = _per_head_factored(q, k, v, log_decay, initial_state, size, want_state)
         else:
             heads = v.shape[2]
             result = _per_channel_factored(expand_groups(q, heads), expand_groups(k, heads), v, log_decay,
-                                           initial_state, size)
+                                           initial_state, size, want_state)
         # A finite input whose factors still overflow (extreme activations) gets the exact path. Any inf/nan
         # element makes the sum inf/nan: one read pass instead of isfinite's four (a finite sum that
         # overflows only costs a needless, still exact, recomputation).
@@ -374,7 +389,7 @@ def chunked_linear_recurrence(
     align = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
     segments = max(1, round(length / SEGMENT_TOKENS)) if SEGMENT_TOKENS else 1
     if segments == 1 or _grad_needed(q, k, v, log_decay, initial_state) or q.device.type == "meta":
-        y, state = _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head)
+        y, state = _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, return_final_state)
         return y.to(out_dtype), (state.contiguous() if return_final_state else None)
     seg = -(-(-(-length // segments)) // align) * align  # ceil(L / segments), rounded up to whole chunks
     y = v.new_empty(v.shape, dtype=out_dtype)
