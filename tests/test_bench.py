@@ -1,5 +1,6 @@
 """`vitlinearizer bench` and the benchmark scripts: they run end to end at tiny sizes and write valid outputs.
 No wall-clock assertions: timings on a shared CPU are only checked for being present and positive."""
+import argparse
 import json
 import math
 import subprocess
@@ -89,6 +90,22 @@ def test_size_parsing_and_token_counts():
         bench.parse_size("12x")
     assert bench.token_count("small", "student", (1024, 2048)) == 64 * 128 + 1
     assert bench.token_count("demo", "teacher", (32, 32)) == 65
+
+
+def test_small384_pair_is_adventurer_s_at_vit_s_width_and_depth():
+    assert bench.model_spec("small384", "student") == ("adventurer_small_patch16_224", {"embed_dim": 384})
+    with torch.device("meta"):
+        student = bench.build_model("small384", "student", device="meta")
+        teacher = bench.build_model("small384", "teacher", device="meta")
+        small_student = bench.build_model("small", "student", device="meta")
+    assert (student.embed_dim, len(student.blocks)) == (teacher.embed_dim, len(teacher.blocks)) == (384, 12)
+    assert small_student.embed_dim == 512  # the paper's Adventurer-S stays in "small"
+    # Same timm name as "small"'s student: the label keeps the two apart in slopes, plot and rate estimates.
+    assert bench.model_label("small384", "student") != bench.model_label("small", "student")
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    opts = bench.BenchOptions.from_args(parser.parse_args(["--device", "cpu"]))
+    assert opts.pairs == ["small", "small384", "demo", "base"]
 
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
