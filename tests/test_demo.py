@@ -58,3 +58,8 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     proc = demo(run_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "starting" not in out and "resuming" not in out, out
+    # Another preset in the same directory would silently mix configurations: refused, naming the fix.
+    proc = demo(run_dir, "--preset", "quick")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "stage 'teacher'" in out and "data.max_train_samples" in out and "--fresh" in out

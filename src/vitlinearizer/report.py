@@ -136,12 +136,13 @@ def write_plots(run_dir: Path, results: dict, groups: dict, latency: list[dict])
 def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency: list[dict], log: list[dict],
                  total_wall_s: float) -> dict:
     table, groups = results_table(results)
-    latency_rows = ["| Size | Tokens | Teacher ms | Student ms | Speed-up | Teacher img/s | Student img/s |",
-                    "|---|---|---|---|---|---|---|"]
+    latency_rows = ["| Size | Tokens | Teacher ms | Student ms | Speed-up | Batch | Teacher img/s | Student img/s |",
+                    "|---|---|---|---|---|---|---|---|"]
     for r in latency:
         latency_rows.append(
             f"| {r['size']}² | {r['tokens']} | {r['teacher_latency_ms']:.1f} | {r['student_latency_ms']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['teacher_img_per_s']:.0f} | {r['student_img_per_s']:.0f} |")
+            f"{r['speedup']:.2f}x | {r.get('throughput_batch', 32)} | {r['teacher_img_per_s']:.1f} | "
+            f"{r['student_img_per_s']:.1f} |")
     stage_rows = ["| Stage | Wall time | Reused |", "|---|---|---|"]
     stage_rows += [f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {'yes' if s['reused'] else 'no'} |" for s in log]
     plots = write_plots(run_dir, results, groups, latency)
@@ -158,8 +159,9 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
 Date {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, machine: {machine()}.
 Total wall time {total_wall_s / 60:.1f} min.
 
-Data: Fashion-MNIST (Debian `dataset-fashion-mnist`), 28x28, {train} training images (10% of the training set is
-held out for validation: the holdout column), the {'full 10k' if preset.eval_samples is None else preset.eval_samples}
+Data: Fashion-MNIST (Debian `dataset-fashion-mnist`), 28x28, {train} training images ({preset.holdout_fraction:.0%} of
+the training set is held out for validation: the holdout column; augmentation: {preset.augment}), the
+{'full 10k' if preset.eval_samples is None else f'class-balanced {preset.eval_samples}-image subset of the 10k'}
 test set (the test column; never used for any choice). Teacher: timm ViT, width 192, depth 6, patch 4 (49 tokens),
 {preset.teacher_epochs} epochs. Student: `{preset.student}`, distilled for {preset.distill_epochs} epochs
 (K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for {preset.finetune_epochs}; the scratch
@@ -172,7 +174,7 @@ Seeds: {preset.seeds}.
 
 ![accuracy](accuracy.png)
 
-## Latency vs resolution (CPU, batch 1; throughput at batch 32)
+## Latency vs resolution (CPU, batch 1; throughput at the batch given)
 
 {chr(10).join(latency_rows)}
 
