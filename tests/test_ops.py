@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from vitlinearizer.ops import linear_recurrence, recurrent_step
+from vitlinearizer.ops import chunked, linear_recurrence, recurrent_step
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-3}
 
@@ -98,6 +98,29 @@ def test_chunked_finite_for_long_strongly_decaying_sequences(per_channel):
     # With decay this strong the state is dominated by the last token, which the naive tail reproduces.
     y_tail = linear_recurrence(q[:, -300:], k[:, -300:], v[:, -300:], a[:, -300:], impl="naive")
     assert rel_err(y_tail[:, -100:], y[:, -100:]) < 1e-4
+
+
+@pytest.mark.parametrize("want_state", [False, True], ids=["output_only", "with_state"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_chunked_gradients_finite_near_the_factored_span_limit(per_channel, want_state):
+    # A chunk whose total log-decay is just under MAX_FACTORED_SPAN takes the factored path; its factors
+    # reach exp(±span/2), and the backward must not square them (a reciprocal's gradient, -1/u², overflowed
+    # float32 here and stopped a fine-tuning run).
+    length = 51
+    per_token = -0.97 * chunked.MAX_FACTORED_SPAN / length
+    inputs = make_inputs(2, length, 2, 8, 4, per_channel, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        inputs[3].fill_(per_token)
+    q, k, v, a = inputs
+    def loss(impl):
+        out = linear_recurrence(q, k, v, a, impl=impl, return_final_state=want_state)
+        y = out[0] if want_state else out
+        return (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + (out[1].sum() if want_state else 0)
+    grads = torch.autograd.grad(loss("chunked"), inputs)
+    ref = torch.autograd.grad(loss("naive"), inputs)
+    for name, g, r in zip(NAMES, grads, ref):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(r, g) < 1e-3, name
 
 
 def test_recurrent_step_is_one_token_of_the_sequence():

@@ -160,7 +160,8 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
     if _max_span(half) * 2 > MAX_FACTORED_SPAN:
         return None
     u = (cum - half).exp()  # exp(cum_i - m), applied to the output rows
-    w = torch.reciprocal(u)  # exp(m - cum_j), applied to the values
+    # exp(m - cum_j), applied to the values; not 1/u, whose backward (-1/u²) overflows once span/2 > ~44.
+    w = (half - cum).exp()
     vw = (v.reshape(batch, chunks, chunk_size, heads, value_dim) * w[..., None]).reshape(bc, chunk_size, heads * value_dim)
     qg = q.reshape(bc, chunk_size, groups, key_dim)
     kg = k.reshape(bc, chunk_size, groups, key_dim)
