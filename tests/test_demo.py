@@ -10,10 +10,38 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from vitlinearizer import demo as demo_module
 from vitlinearizer.data import DEFAULT_FASHION_MNIST_ROOT
 
-pytestmark = pytest.mark.skipif(not Path(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_file(),
-                                reason="needs Debian's dataset-fashion-mnist (make test installs it as root)")
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path(DEFAULT_FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz").is_file(),
+    reason="needs Debian's dataset-fashion-mnist (make test installs it as root)")
+
+
+def test_full_preset_runs_the_ablation_on_the_first_mixer_and_baselines_for_all():
+    full = demo_module.PRESETS["full"]
+    assert full.objectives_for("mamba2") == ["both", "none", "mask", "act"]
+    assert full.objectives_for("gla") == full.objectives_for("hgrn") == ["both", "none"]
+    assert full.main_objective == "both" and len(full.seeds) == 3
+    quick = demo_module.PRESETS["quick"]
+    assert quick.objectives_for("mamba2") == ["both", "none"]
+    # The students of both presets see the same data, so quick and full numbers compare.
+    assert (quick.train_samples, quick.distill_epochs, quick.finetune_epochs) == \
+        (full.train_samples, full.distill_epochs, full.finetune_epochs)
+
+
+def test_stage_with_another_configuration_is_refused(tmp_path):
+    preset = demo_module.PRESETS["tiny"]
+    values = demo_module._base_config(preset, None, "cpu")
+    values["train"]["epochs"] = 1
+    stage_dir = tmp_path / "teacher"
+    stage_dir.mkdir()
+    (stage_dir / "config.yaml").write_text(
+        demo_module.dump_yaml(demo_module.build_config(dict(values, output_dir=str(stage_dir)))))
+    demo_module._check_same_config("teacher", stage_dir, dict(values, output_dir=str(stage_dir)))  # same: accepted
+    values["train"]["lr"] = 0.5
+    with pytest.raises(demo_module.DemoConfigMismatch, match=r"changed: train\.lr\).*--fresh"):
+        demo_module._check_same_config("teacher", stage_dir, dict(values, output_dir=str(stage_dir)))
 
 
 def demo(run_dir, *extra):
@@ -22,6 +50,7 @@ def demo(run_dir, *extra):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@needs_fashion_mnist
 def test_demo_interrupt_resume_and_artefacts(tmp_path):
     run_dir = tmp_path / "demo"
     proc = demo(run_dir)

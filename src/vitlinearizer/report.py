@@ -133,6 +133,10 @@ def write_plots(run_dir: Path, results: dict, groups: dict, latency: list[dict])
     return written
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency: list[dict], log: list[dict],
                  total_wall_s: float) -> dict:
     table, groups = results_table(results)
@@ -147,25 +151,30 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
     stage_rows += [f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {'yes' if s['reused'] else 'no'} |" for s in log]
     plots = write_plots(run_dir, results, groups, latency)
     configs = []
-    for name in ("teacher", f"distill-{preset.objectives[-1]}-{preset.mixers[0]}-s{preset.seeds[0]}",
-                 f"finetune-{preset.objectives[-1]}-{preset.mixers[0]}-s{preset.seeds[0]}",
+    for name in ("teacher", f"distill-{preset.main_objective}-{preset.mixers[0]}-s{preset.seeds[0]}",
+                 f"finetune-{preset.main_objective}-{preset.mixers[0]}-s{preset.seeds[0]}",
                  f"scratch-{preset.mixers[0]}-s{preset.seeds[0]}"):
         path = run_dir / name / "config.yaml"
         if path.is_file():
             configs.append(f"<details><summary>{name}</summary>\n\n```yaml\n{path.read_text()}```\n</details>\n")
     train = "all" if preset.train_samples is None else f"a class-balanced subset of {preset.train_samples}"
+    teacher_data = {"same": "the same images", None: "all non-holdout training images"}.get(
+        preset.teacher_train_samples, f"a class-balanced subset of {preset.teacher_train_samples} images")
+    stages_wall_s = sum(s["wall_s"] for s in log)
     text = f"""# ViT-Linearizer demo report ({preset_name} preset)
 
 Date {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, machine: {machine()}.
-Total wall time {total_wall_s / 60:.1f} min.
+Wall time of all stages {stages_wall_s / 60:.1f} min (stages reused from an earlier invocation count with
+their original time); this invocation {total_wall_s / 60:.1f} min.
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`), 28x28, {train} training images ({preset.holdout_fraction:.0%} of
 the training set is held out for validation: the holdout column; augmentation: {preset.augment}), the
 {'full 10k' if preset.eval_samples is None else f'class-balanced {preset.eval_samples}-image subset of the 10k'}
 test set (the test column; never used for any choice). Teacher: timm ViT, width 192, depth 6, patch 4 (49 tokens),
-{preset.teacher_epochs} epochs. Student: `{preset.student}`, distilled for {preset.distill_epochs} epochs
-(K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for {preset.finetune_epochs}; the scratch
-student gets {preset.distill_epochs + preset.finetune_epochs} supervised epochs (equal student epochs).
+{_epochs(preset.teacher_epochs)} on {teacher_data}. Student: `{preset.student}`, distilled for
+{_epochs(preset.distill_epochs)} (K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for
+{_epochs(preset.finetune_epochs)}; the scratch student gets {_epochs(preset.distill_epochs + preset.finetune_epochs)}
+with labels (equal student epochs). Batch {preset.batch_size}.
 Seeds: {preset.seeds}.
 
 ## Results
@@ -195,6 +204,6 @@ Seeds: {preset.seeds}.
     write_text_atomic(run_dir / "report.md", text)
     summary = {"preset": preset_name, "results": {k: {"test": g["test"], "holdout": g["holdout"]} for k, g in groups.items()},
                "teacher_test": results["teacher"]["summary"]["test"]["top1"], "latency": latency, "stages": log,
-               "total_wall_s": total_wall_s, "plots": plots}
+               "total_wall_s": total_wall_s, "stages_wall_s": stages_wall_s, "plots": plots}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return {"table": table, **summary}
