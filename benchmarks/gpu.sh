@@ -12,7 +12,7 @@
 #      gradients, per-head and per-channel decay, fp32 and bf16 inputs (exit status 1 on a failed check).
 #   3. benchmarks/ops.py --device cuda: naive/chunked/fla/torch.compile timings over L and chunk size.
 #   4. vitlinearizer bench --device cuda --dtypes bf16 float32: the student/teacher table (latency,
-#      throughput, CUDA peak memory, FLOPs) for the small, base and demo pairs.
+#      throughput, CUDA peak memory, FLOPs) for the small384, small, base and demo pairs.
 # Results land in benchmarks/results/ with the GPU name in the file names; a summary is printed at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +63,7 @@ fi
 log "step 4: student vs teacher table"
 if [[ $DRY -eq 0 ]]; then
   BUDGET=$(( $(left) - 30 ))
-  timeout $(( BUDGET + 25 )) $PY -m vitlinearizer bench --device cuda --dtypes bf16 float32 --pairs small base demo \
+  timeout $(( BUDGET + 25 )) $PY -m vitlinearizer bench --device cuda --dtypes bf16 float32 --pairs small384 small base demo \
     --batch 32 --repeats 10 --time-budget 60 --max-minutes "$(awk "BEGIN {print $BUDGET / 60}")" \
     --output-dir "$OUT" || log "warning: bench did not finish"
 else

@@ -232,7 +232,7 @@ def plan_lines(opts: BenchOptions) -> list[str]:
             name = model_label(pair, role)
             flops = model_flops(pair, role, size)[0]
             parts.append(f"{role} {name} {flops / 1e9:.1f} GFLOP ~{rates.estimate(name, dtype, flops):.1f} s")
-        lines.append(f"{pair:5s} {size_label(size):>9s} {dtype:8s} " + "; ".join(parts))
+        lines.append(f"{pair:8s} {size_label(size):>9s} {dtype:8s} " + "; ".join(parts))
     return lines
 
 
