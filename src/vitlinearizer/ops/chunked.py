@@ -142,6 +142,14 @@ def _max_span(cum_last: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ per-head decay
+def _per_head_chunks(q, k, v, log_decay, chunk_size):
+    """Pad to whole chunks; returns (q, k, v, cumulative log-decay inside each chunk (B, C, Q, H), chunks)."""
+    q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
+    chunks = q.shape[1] // chunk_size
+    cum = log_decay.reshape(q.shape[0], chunks, chunk_size, v.shape[2]).cumsum(2)
+    return q, k, v, cum, chunks
+
+
 def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True):
     """Per-head decay, factored weights; None when a chunk's span is too large (caller falls back to exact).
 
@@ -152,10 +160,8 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
     heads, value_dim = v.shape[2], v.shape[3]
     rep = heads // groups
     grad = _grad_needed(q, k, v, log_decay, initial_state)
-    q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
-    chunks = q.shape[1] // chunk_size
+    q, k, v, cum, chunks = _per_head_chunks(q, k, v, log_decay, chunk_size)
     bc = batch * chunks
-    cum = log_decay.reshape(batch, chunks, chunk_size, heads).cumsum(2)  # (B, C, Q, H)
     half = cum[:, :, -1:] * 0.5  # (B, C, 1, H): the half-way point m of each chunk's log-decay
     if _max_span(half) * 2 > MAX_FACTORED_SPAN:
         return None
@@ -219,10 +225,8 @@ def _per_head_exact(q, k, v, log_decay, initial_state, chunk_size):
     heads, value_dim = v.shape[2], v.shape[3]
     rep = heads // groups
     grad = _grad_needed(q, k, v, log_decay, initial_state)
-    q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
-    chunks = q.shape[1] // chunk_size
+    q, k, v, cum, chunks = _per_head_chunks(q, k, v, log_decay, chunk_size)
     bc = batch * chunks
-    cum = log_decay.reshape(batch, chunks, chunk_size, heads).cumsum(2)  # (B, C, Q, H)
     qg = q.reshape(bc, chunk_size, groups, key_dim)
     kg = k.reshape(bc, chunk_size, groups, key_dim)
     vv = v.reshape(bc, chunk_size, heads, value_dim)
