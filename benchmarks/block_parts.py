@@ -25,21 +25,13 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitlinearizer  # noqa: E402,F401
+from vitlinearizer.bench.timing import alternating_times, summarize  # noqa: E402
 from vitlinearizer.models.mixers import causal_depthwise_conv  # noqa: E402
 
 
-def alternate(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-        for rep in range(repeats):
-            for k, f in (list(fns.items()) if rep % 2 == 0 else list(fns.items())[::-1]):
-                start = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - start)
-    return {k: dict(min_ms=min(v) * 1e3, median_ms=sorted(v)[len(v) // 2] * 1e3, n=len(v)) for k, v in times.items()}
+def alternate(fns: dict, repeats: int) -> dict:
+    return {name: dict(min_ms=r["min_s"] * 1e3, median_ms=r["median_s"] * 1e3, n=r["n"])
+            for name, r in summarize(alternating_times(fns, repeats)).items()}
 
 
 def slabs(size: int, repeats: int, slab_sizes) -> dict:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitlinearizer.ops import linear_recurrence  # noqa: E402
 from vitlinearizer.ops import chunked as chunked_mod  # noqa: E402
 from vitlinearizer.ops.fla_bridge import fla_available  # noqa: E402
+from vitlinearizer.bench.timing import alternating_times, summarize  # noqa: E402
 
 SHAPES = {
     "mamba2": dict(heads=16, groups=1, key_dim=64, value_dim=64, per_channel=False),
@@ -49,29 +50,6 @@ def make_inputs(kind: str, length: int, device, dtype=torch.float32, batch: int 
     # Decays as the models produce them at initialisation (Mamba-2: -dt*A, dt in [1e-3, 0.1], A in [1, 16]).
     log_decay = -(torch.rand(shape, generator=gen) * 0.2 + 0.005)
     return [t.to(device=device, dtype=dtype) for t in (q, k, v, log_decay)]
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_all(fns: dict, repeats: int, device, warmup: int = 1) -> dict:
-    """Alternate repetitions of every function; {name: [seconds]}."""
-    times = {name: [] for name in fns}
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for rep in range(repeats):
-            order = list(fns.items()) if rep % 2 == 0 else list(fns.items())[::-1]
-            for name, fn in order:
-                sync(device)
-                start = time.perf_counter()
-                fn()
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def implementations(inputs, device, chunk_sizes, include_slow: bool, compile_ok: bool) -> dict:
@@ -109,13 +87,12 @@ def run(args) -> dict:
             # The slow loops get fewer repetitions at long L (they take seconds each).
             slow = {n: f for n, f in fns.items() if n in ("naive", "step")}
             fast = {n: f for n, f in fns.items() if n not in slow}
-            t_fast = time_all(fast, repeats, device)
-            t_slow = time_all(slow, max(1, repeats // 3) if length > 1000 else repeats, device, warmup=0) if slow else {}
-            times = {**t_slow, **t_fast}
-            best = {n: min(ts) for n, ts in times.items()}
-            row = dict(kind=kind, length=length, **SHAPES[kind],
-                       results={n: dict(min_s=best[n], median_s=sorted(ts)[len(ts) // 2], n=len(ts))
-                                for n, ts in times.items()})
+            t_fast = alternating_times(fast, repeats, device=device)
+            t_slow = (alternating_times(slow, max(1, repeats // 3) if length > 1000 else repeats, warmup=0, device=device)
+                      if slow else {})
+            results = summarize({**t_slow, **t_fast})
+            best = {n: r["min_s"] for n, r in results.items()}
+            row = dict(kind=kind, length=length, **SHAPES[kind], results=results)
             if "naive" in best:
                 row["speedup_vs_naive"] = {n: best["naive"] / b for n, b in best.items()}
             rows.append(row)

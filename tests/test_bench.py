@@ -132,3 +132,13 @@ def test_ops_benchmark_and_distill_cost_smoke(tmp_path):
     res = distill_cost.worker(dict(length=16, variant="rowblock", batch=1, stages=2, visible=0.5, device="cpu",
                                    threads=1, warmup=0, repeats=1))
     assert res["times_s"][0] > 0 and 0 <= res["loss"] <= 2
+
+
+def test_alternating_times_reverses_the_order_every_other_round():
+    from vitlinearizer.bench.timing import alternating_times, summarize
+    calls = []
+    times = alternating_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a-b, b-a, a-b
+    assert [len(ts) for ts in times.values()] == [3, 3]
+    summary = summarize({"x": [3.0, 1.0, 2.0]})
+    assert summary == {"x": dict(min_s=1.0, median_s=2.0, n=3)}
