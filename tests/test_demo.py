@@ -92,3 +92,30 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert "stage 'teacher'" in out and "data.max_train_samples" in out and "--fresh" in out
+
+
+def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
+    preset = demo_module.resolve_preset("quick", distill_epochs=4, seeds=[3], objectives=["mask", "none"])
+    assert (preset.distill_epochs, preset.finetune_epochs, preset.seeds) == (4, 1, [3])
+    assert preset.main_objective == "mask" and preset.objectives_for("mamba2") == ["mask", "none"]
+    assert demo_module.PRESETS["quick"].distill_epochs == 1  # the registered preset is untouched
+    assert demo_module.preset_label("quick", demo_module.PRESETS["quick"]) == "quick"
+    assert demo_module.preset_label("quick", preset) == \
+        "quick, with distill_epochs=4, seeds=[3], objectives=['mask', 'none']"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(distill_epochs=0), r"--distill-epochs must be >= 1, got 0"),
+    (dict(objectives=["both", "kd"]), r"--objectives: unknown 'kd'; choose from both, none, mask, act"),
+    (dict(objectives=["none"]), r"at least one distillation objective"),
+    (dict(mixers=["lstm"]), r"--mixers: unknown 'lstm'; choose from mamba2, gla, hgrn"),
+])
+def test_bad_preset_overrides_are_refused_with_the_allowed_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        demo_module.resolve_preset("quick", **kwargs)
+
+
+def test_cli_reports_a_bad_override_without_a_traceback(capsys):
+    from vitlinearizer.cli import main
+    assert main(["demo", "--preset", "tiny", "--mixers", "lstm"]) == 2
+    assert "unknown 'lstm'" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import shutil
 import sys
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from . import runner
 from .data import dataset_info
 from .config import build_config, dump_yaml
 from .engine import TrainingInterrupted
+from .models.mixers import MIXERS
 
 # The teacher is the ~2.7M-parameter ViT of the issue's sizing note; patch 4 on 28 px gives 49 tokens.
 DEMO_TEACHER = dict(model="vit_tiny_patch16_224", model_kwargs=dict(patch_size=4, embed_dim=192, depth=6, num_heads=3))
@@ -87,6 +88,37 @@ PRESETS = {
 }
 
 
+OBJECTIVES = ("both", "none", "mask", "act")
+
+
+def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs: int | None = None,
+                   seeds: list[int] | None = None, objectives: list[str] | None = None,
+                   mixers: list[str] | None = None) -> Preset:
+    """A named preset with some of its student settings replaced (None keeps the preset's value)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown demo preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    for flag, value in (("--distill-epochs", distill_epochs), ("--finetune-epochs", finetune_epochs)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag, values, allowed in (("--objectives", objectives, OBJECTIVES), ("--mixers", mixers, tuple(MIXERS))):
+        unknown = [v for v in values or [] if v not in allowed]
+        if unknown:
+            raise ValueError(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    if objectives is not None and set(objectives) == {"none"}:
+        raise ValueError("--objectives: give at least one distillation objective (both, mask or act) besides none")
+    overrides = dict(distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, seeds=seeds,
+                     objectives=objectives, mixers=mixers)
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def preset_label(name: str, preset: Preset) -> str:
+    """``name``, plus the settings that differ from the named preset (reports must not pass them off as it)."""
+    base = PRESETS.get(name)
+    changed = [f"{f.name}={getattr(preset, f.name)}" for f in fields(Preset)
+               if base is None or getattr(preset, f.name) != getattr(base, f.name)]
+    return name if not changed else f"{name}, with {', '.join(changed)}"
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="quick: ~15 min on 2 CPU cores; full: ablation + mixers + 3 seeds (hours); tiny: smoke test")
@@ -96,11 +128,26 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's location)")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    group = parser.add_argument_group("overrides of the preset's student settings (for experiments)")
+    group.add_argument("--distill-epochs", type=int, metavar="N", help="distillation epochs")
+    group.add_argument("--finetune-epochs", type=int, metavar="N",
+                       help="fine-tuning epochs (the scratch baseline gets distill + finetune epochs)")
+    group.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="training seeds")
+    group.add_argument("--objectives", nargs="+", metavar="OBJ",
+                       help=f"distillation objectives of the first mixer, from {', '.join(OBJECTIVES)}")
+    group.add_argument("--mixers", nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}")
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
     try:
-        run_demo(args.preset, Path(args.output_dir), args.teacher_weights, args.data_root, args.fresh, args.device)
+        preset = resolve_preset(args.preset, args.distill_epochs, args.finetune_epochs, args.seeds,
+                                args.objectives, args.mixers)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_demo(args.preset, Path(args.output_dir), args.teacher_weights, args.data_root, args.fresh, args.device,
+                 preset=preset)
     except TrainingInterrupted as exc:
         print(f"\ndemo interrupted ({exc}); finished stages are kept. Run the same command again to resume.",
               file=sys.stderr)
@@ -174,10 +221,11 @@ def _stage(name: str, run_dir: Path, values: dict, fn, log: list[dict]) -> dict:
 
 
 def run_demo(preset_name: str, run_dir: Path, teacher_weights: str | None = None, data_root: str | None = None,
-             fresh: bool = False, device: str = "auto") -> dict:
+             fresh: bool = False, device: str = "auto", preset: Preset | None = None) -> dict:
+    """``preset``: the settings to run (default: ``PRESETS[preset_name]``; see :func:`resolve_preset`)."""
     from .report import write_report
 
-    preset = PRESETS[preset_name]
+    preset = PRESETS[preset_name] if preset is None else preset
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +274,7 @@ def run_demo(preset_name: str, run_dir: Path, teacher_weights: str | None = None
     latency = latency_vs_resolution(runner.build_teacher(build_config(values), 10, None, None),
                                     runner.load_exported_model(student_file)[0], preset.latency_sizes)
     log.append(dict(stage="latency", reused=False, wall_s=time.perf_counter() - t0))
-    report = write_report(run_dir, preset_name, preset, results, latency, log, time.perf_counter() - t_start)
+    report = write_report(run_dir, preset_label(preset_name, preset), preset, results, latency, log, time.perf_counter() - t_start)
     print(report["table"])
     print(f"[demo] report: {run_dir / 'report.md'}")
     return report

@@ -161,7 +161,7 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
     teacher_data = {"same": "the same images", None: "all non-holdout training images"}.get(
         preset.teacher_train_samples, f"a class-balanced subset of {preset.teacher_train_samples} images")
     stages_wall_s = sum(s["wall_s"] for s in log)
-    text = f"""# ViT-Linearizer demo report ({preset_name} preset)
+    text = f"""# ViT-Linearizer demo report (preset: {preset_name})
 
 Date {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, machine: {machine()}.
 Wall time of all stages {stages_wall_s / 60:.1f} min (stages reused from an earlier invocation count with
