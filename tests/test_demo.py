@@ -97,6 +97,8 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
 def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     preset = demo_module.resolve_preset("quick", distill_epochs=4, seeds=[3], objectives=["mask", "none"])
     assert (preset.distill_epochs, preset.finetune_epochs, preset.seeds) == (4, 1, [3])
+    warm = demo_module.resolve_preset("quick", student_warmup_epochs=0.1)
+    assert demo_module._base_config(warm, None, "cpu")["train"]["warmup_epochs"] == 0.1
     assert preset.main_objective == "mask" and preset.objectives_for("mamba2") == ["mask", "none"]
     assert demo_module.PRESETS["quick"].distill_epochs == 1  # the registered preset is untouched
     assert demo_module.preset_label("quick", demo_module.PRESETS["quick"]) == "quick"
@@ -109,6 +111,7 @@ def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     (dict(objectives=["both", "kd"]), r"--objectives: unknown 'kd'; choose from both, none, mask, act"),
     (dict(objectives=["none"]), r"at least one distillation objective"),
     (dict(mixers=["lstm"]), r"--mixers: unknown 'lstm'; choose from mamba2, gla, hgrn"),
+    (dict(student_warmup_epochs=-0.1), r"--student-warmup-epochs must be >= 0"),
 ])
 def test_bad_preset_overrides_are_refused_with_the_allowed_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -55,6 +55,7 @@ class Preset:
     # more data than ImageNet): "same" = train_samples, None = every non-holdout image.
     teacher_train_samples: int | None | str = "same"
     teacher_warmup_epochs: float = 0.5
+    student_warmup_epochs: float = 0.5  # per student stage (distillation, fine-tuning, scratch)
 
     @property
     def main_objective(self) -> str:
@@ -93,13 +94,15 @@ OBJECTIVES = ("both", "none", "mask", "act")
 
 def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs: int | None = None,
                    seeds: list[int] | None = None, objectives: list[str] | None = None,
-                   mixers: list[str] | None = None) -> Preset:
+                   mixers: list[str] | None = None, student_warmup_epochs: float | None = None) -> Preset:
     """A named preset with some of its student settings replaced (None keeps the preset's value)."""
     if name not in PRESETS:
         raise ValueError(f"unknown demo preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     for flag, value in (("--distill-epochs", distill_epochs), ("--finetune-epochs", finetune_epochs)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
+    if student_warmup_epochs is not None and student_warmup_epochs < 0:
+        raise ValueError(f"--student-warmup-epochs must be >= 0, got {student_warmup_epochs}")
     for flag, values, allowed in (("--objectives", objectives, OBJECTIVES), ("--mixers", mixers, tuple(MIXERS))):
         unknown = [v for v in values or [] if v not in allowed]
         if unknown:
@@ -107,7 +110,7 @@ def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs
     if objectives is not None and set(objectives) == {"none"}:
         raise ValueError("--objectives: give at least one distillation objective (both, mask or act) besides none")
     overrides = dict(distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, seeds=seeds,
-                     objectives=objectives, mixers=mixers)
+                     objectives=objectives, mixers=mixers, student_warmup_epochs=student_warmup_epochs)
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -136,12 +139,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--objectives", nargs="+", metavar="OBJ",
                        help=f"distillation objectives of the first mixer, from {', '.join(OBJECTIVES)}")
     group.add_argument("--mixers", nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}")
+    group.add_argument("--student-warmup-epochs", type=float, metavar="E",
+                       help="learning-rate warm-up of every student stage, in epochs")
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
     try:
         preset = resolve_preset(args.preset, args.distill_epochs, args.finetune_epochs, args.seeds,
-                                args.objectives, args.mixers)
+                                args.objectives, args.mixers, args.student_warmup_epochs)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -164,8 +169,8 @@ def _base_config(preset: Preset, data_root: str | None, device: str) -> dict:
         data=dict(name="fashion_mnist", root=data_root, img_size=28, augment=preset.augment,
                   holdout_fraction=preset.holdout_fraction,
                   max_train_samples=preset.train_samples, max_eval_samples=preset.eval_samples),
-        train=dict(batch_size=preset.batch_size, lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, weight_decay=0.05,
-                   clip_grad=1.0, log_every=10),
+        train=dict(batch_size=preset.batch_size, lr=1e-3, min_lr=1e-5, warmup_epochs=preset.student_warmup_epochs,
+                   weight_decay=0.05, clip_grad=1.0, log_every=10),
         teacher=copy.deepcopy(DEMO_TEACHER),
         student=dict(model=preset.student),
         distill=dict(num_stages=preset.num_stages),

@@ -174,7 +174,8 @@ test set (the test column; never used for any choice). Teacher: timm ViT, width 
 {_epochs(preset.teacher_epochs)} on {teacher_data}. Student: `{preset.student}`, distilled for
 {_epochs(preset.distill_epochs)} (K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for
 {_epochs(preset.finetune_epochs)}; the scratch student gets {_epochs(preset.distill_epochs + preset.finetune_epochs)}
-with labels (equal student epochs). Batch {preset.batch_size}.
+with labels (equal student epochs). Batch {preset.batch_size}; learning-rate warm-up
+{preset.student_warmup_epochs:g} epochs in every student stage.
 Seeds: {preset.seeds}.
 
 ## Results
