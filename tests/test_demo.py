@@ -44,6 +44,17 @@ def test_stage_with_another_configuration_is_refused(tmp_path):
         demo_module._check_same_config("teacher", stage_dir, dict(values, output_dir=str(stage_dir)))
 
 
+def test_an_option_added_later_counts_as_unchanged_while_it_has_its_default(tmp_path):
+    values = dict(demo_module._base_config(demo_module.PRESETS["tiny"], None, "cpu"), output_dir=str(tmp_path))
+    saved = demo_module.yaml.safe_load(demo_module.dump_yaml(demo_module.build_config(values)))
+    del saved["train"]["layer_decay"]  # a stage run before the option existed
+    (tmp_path / "config.yaml").write_text(demo_module.yaml.safe_dump(saved))
+    demo_module._check_same_config("scratch", tmp_path, values)
+    values["train"]["layer_decay"] = 0.75
+    with pytest.raises(demo_module.DemoConfigMismatch, match=r"changed: train\.layer_decay"):
+        demo_module._check_same_config("scratch", tmp_path, values)
+
+
 def demo(run_dir, *extra):
     cmd = [sys.executable, "-m", "vitlinearizer", "demo", "--preset", "tiny", "--output-dir", str(run_dir), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -88,6 +88,36 @@ def test_param_groups_exclude_biases_norms_and_no_weight_decay_names():
     assert not any(n.startswith("teacher.") for n in decay | no_decay)  # frozen: not optimised
 
 
+def test_layer_decay_scales_each_student_layer_and_keeps_weight_decay_split():
+    import timm
+
+    import vitlinearizer  # noqa: F401
+    from vitlinearizer.finetune import ClassificationTask
+    task = ClassificationTask(timm.create_model("adventurer_micro_patch4_28", num_classes=10))
+    depth = len(task.student.blocks)  # timm's grouping: stem 0, block i at i + 1 (final norm with the last), head
+    opt = build_optimizer(task, TrainConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.5))
+    lr_of = {n: g["lr"] for g in opt.param_groups for n, p in task.named_parameters() if any(p is q for q in g["params"])}
+    assert len(lr_of) == sum(1 for p in task.parameters() if p.requires_grad)  # every parameter exactly once
+    assert lr_of["student.head.weight"] == pytest.approx(1e-3)
+    assert lr_of[f"student.blocks.{depth - 1}.mlp.fc2.weight"] == lr_of["student.norm.weight"] == pytest.approx(1e-3 * 0.5)
+    assert lr_of["student.blocks.0.mixer.in_proj.weight"] == pytest.approx(1e-3 * 0.5 ** depth)
+    assert lr_of["student.patch_embed.proj.weight"] == lr_of["student.cls_token"] == pytest.approx(1e-3 * 0.5 ** (depth + 1))
+    for group in opt.param_groups:  # weight decay still skips 1-d parameters and tokens
+        names = {n for n, p in task.named_parameters() if any(p is q for q in group["params"])}
+        assert (group["weight_decay"] == 0.0) == all(task.get_parameter(n).ndim <= 1 or n.endswith("_token") or
+                                                     n.endswith("pos_embed") for n in names)
+    sched = build_scheduler(opt, TrainConfig(epochs=1, lr=1e-3, warmup_steps=2, layer_decay=0.5), 10)
+    first = sched.get_last_lr()
+    assert max(first) == pytest.approx(1e-3 / 2) and min(first) == pytest.approx(1e-3 * 0.5 ** (depth + 1) / 2)
+
+
+def test_layer_decay_needs_a_student_with_layers():
+    with pytest.raises(ValueError, match="group_matcher.*layer_decay: 1.0"):
+        build_optimizer(W.make_task(), TrainConfig(layer_decay=0.75))
+    with pytest.raises(ValueError, match=r"TrainConfig\.layer_decay must be in \(0, 1\]"):
+        TrainConfig(layer_decay=0.0)
+
+
 def _schedule(steps_per_epoch: int = 7):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     cfg = TrainConfig(epochs=2, lr=1.0, min_lr=0.1, warmup_steps=4)  # 14 steps in all

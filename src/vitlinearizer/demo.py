@@ -56,6 +56,8 @@ class Preset:
     teacher_train_samples: int | None | str = "same"
     teacher_warmup_epochs: float = 0.5
     student_warmup_epochs: float = 0.5  # per student stage (distillation, fine-tuning, scratch)
+    finetune_lr: float = 5e-4
+    finetune_layer_decay: float = 1.0  # < 1: layer-wise lr decay when fine-tuning the distilled student
 
     @property
     def main_objective(self) -> str:
@@ -94,7 +96,8 @@ OBJECTIVES = ("both", "none", "mask", "act")
 
 def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs: int | None = None,
                    seeds: list[int] | None = None, objectives: list[str] | None = None,
-                   mixers: list[str] | None = None, student_warmup_epochs: float | None = None) -> Preset:
+                   mixers: list[str] | None = None, student_warmup_epochs: float | None = None,
+                   finetune_lr: float | None = None, finetune_layer_decay: float | None = None) -> Preset:
     """A named preset with some of its student settings replaced (None keeps the preset's value)."""
     if name not in PRESETS:
         raise ValueError(f"unknown demo preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
@@ -103,6 +106,10 @@ def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if student_warmup_epochs is not None and student_warmup_epochs < 0:
         raise ValueError(f"--student-warmup-epochs must be >= 0, got {student_warmup_epochs}")
+    if finetune_lr is not None and finetune_lr <= 0:
+        raise ValueError(f"--finetune-lr must be > 0, got {finetune_lr}")
+    if finetune_layer_decay is not None and not 0 < finetune_layer_decay <= 1:
+        raise ValueError(f"--finetune-layer-decay must be in (0, 1] (1 = off), got {finetune_layer_decay}")
     for flag, values, allowed in (("--objectives", objectives, OBJECTIVES), ("--mixers", mixers, tuple(MIXERS))):
         unknown = [v for v in values or [] if v not in allowed]
         if unknown:
@@ -110,7 +117,8 @@ def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs
     if objectives is not None and set(objectives) == {"none"}:
         raise ValueError("--objectives: give at least one distillation objective (both, mask or act) besides none")
     overrides = dict(distill_epochs=distill_epochs, finetune_epochs=finetune_epochs, seeds=seeds,
-                     objectives=objectives, mixers=mixers, student_warmup_epochs=student_warmup_epochs)
+                     objectives=objectives, mixers=mixers, student_warmup_epochs=student_warmup_epochs,
+                     finetune_lr=finetune_lr, finetune_layer_decay=finetune_layer_decay)
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -141,12 +149,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mixers", nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}")
     group.add_argument("--student-warmup-epochs", type=float, metavar="E",
                        help="learning-rate warm-up of every student stage, in epochs")
+    group.add_argument("--finetune-lr", type=float, metavar="LR", help="peak lr of fine-tuning the distilled student")
+    group.add_argument("--finetune-layer-decay", type=float, metavar="D",
+                       help="layer-wise lr decay of that fine-tuning (1 = off)")
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
     try:
         preset = resolve_preset(args.preset, args.distill_epochs, args.finetune_epochs, args.seeds,
-                                args.objectives, args.mixers, args.student_warmup_epochs)
+                                args.objectives, args.mixers, args.student_warmup_epochs, args.finetune_lr,
+                                args.finetune_layer_decay)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -178,13 +190,19 @@ def _base_config(preset: Preset, data_root: str | None, device: str) -> dict:
 
 
 def _check_same_config(name: str, stage_dir: Path, values: dict) -> None:
-    """A stage directory is reused or resumed only for the configuration it was started with."""
+    """A stage directory is reused or resumed only for the configuration it was started with.
+
+    An option that did not exist when the stage ran (absent from its config.yaml) counts as unchanged while
+    it has its default value: adding options to the library does not invalidate finished runs.
+    """
     saved_path = stage_dir / "config.yaml"
     if not saved_path.is_file():
         return
     saved = _flatten(yaml.safe_load(saved_path.read_text()))
     wanted = _flatten(yaml.safe_load(dump_yaml(build_config(values))))
-    changed = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
+    defaults = _flatten(yaml.safe_load(dump_yaml(build_config({}))))
+    changed = sorted(key for key in set(saved) | set(wanted)
+                     if saved.get(key, defaults.get(key)) != wanted.get(key))
     if changed:
         raise DemoConfigMismatch(
             f"stage {name!r} in {stage_dir} was run with a different configuration (changed: {', '.join(changed)}). "
@@ -269,7 +287,8 @@ def run_demo(preset_name: str, run_dir: Path, teacher_weights: str | None = None
                 _stage(f"distill-{tag}", run_dir, values, runner.distill, log)
                 values = copy.deepcopy(values)
                 values["student"]["checkpoint"] = str(run_dir / f"distill-{tag}" / "student.safetensors")
-                values["train"].update(epochs=preset.finetune_epochs, lr=5e-4)
+                values["train"].update(epochs=preset.finetune_epochs, lr=preset.finetune_lr,
+                                       layer_decay=preset.finetune_layer_decay)
                 results[f"finetune-{tag}"] = _stage(f"finetune-{tag}", run_dir, values, runner.finetune, log)
 
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Protocol, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.models import group_parameters
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -86,6 +87,7 @@ class TrainConfig:
     accum_steps: int = 1
     amp: str = "none"  # "none" | "bf16"
     ema_decay: float = 0.0  # 0: off
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay (BEiT), lr * layer_decay**(depth - layer); 1: off
     seed: int = 0
     num_workers: int = 0
     log_every: int = 50
@@ -120,6 +122,7 @@ class TrainConfig:
         need(self.clip_grad is None or self.clip_grad >= 0, "clip_grad", "None, 0 (off) or > 0")
         need(self.amp in ("none", "bf16"), "amp", "one of 'none', 'bf16'")
         need(0 <= self.ema_decay < 1, "ema_decay", "in [0, 1) (0 = off)")
+        need(0 < self.layer_decay <= 1, "layer_decay", "in (0, 1] (1 = off)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -136,27 +139,55 @@ class TrainConfig:
 # --------------------------------------------------------------------------- optimisation
 
 
-def param_groups(task: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters as ``[decayed, not decayed]`` AdamW groups.
+def student_layer_ids(task: nn.Module) -> tuple[dict[str, int], int]:
+    """Depth index of each ``student.*`` parameter from the student's timm ``group_matcher`` (stem 0, block i
+    at i + 1, final norm and head last), and the number of layers; ({}, 1) without a matcher."""
+    student = getattr(task, "student", None)
+    if student is None or not hasattr(student, "group_matcher"):
+        return {}, 1
+    layers = group_parameters(student, student.group_matcher(coarse=False), reverse=True)
+    return {f"student.{name}": layer for name, layer in layers.items()}, max(layers.values()) + 1
+
+
+def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """Trainable parameters as AdamW groups: decayed / not decayed, times one lr scale per layer.
 
     Biases and norm gains (``ndim <= 1``) and ``no_weight_decay()`` names (tokens,
     position embeddings) are not decayed: pulling them towards zero only hurts.
+    ``layer_decay`` < 1 scales the lr of student layer i by ``layer_decay ** (last - i)`` (``lr_scale``):
+    fine-tuning a pre-trained (distilled) student then adapts the new head fast while the early layers,
+    whose features the pre-training paid for, move slowly. Parameters outside the student (heads of the
+    task) count as the last layer.
     """
     skip = set(task.no_weight_decay()) if hasattr(task, "no_weight_decay") else set()
     if hasattr(getattr(task, "student", None), "no_weight_decay"):
         skip |= {f"student.{n}" for n in task.student.no_weight_decay()}
-    decay, no_decay = [], []
+    layer_of, num_layers = student_layer_ids(task) if layer_decay < 1.0 else ({}, 1)
+    if layer_decay < 1.0 and num_layers == 1:
+        raise ValueError("train.layer_decay < 1 needs a student with a timm group_matcher() (its layers); "
+                         "this task has none: set train.layer_decay: 1.0")
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in task.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    if not decay and not no_decay:
+        if not p.requires_grad:
+            continue
+        decayed = not (p.ndim <= 1 or name in skip)
+        layer = min(layer_of.get(name, num_layers - 1), num_layers - 1)
+        group = groups.setdefault((layer, decayed), {
+            "params": [], "weight_decay": weight_decay if decayed else 0.0,
+            "lr_scale": layer_decay ** (num_layers - 1 - layer)})
+        group["params"].append(p)
+    if not groups:
         raise ValueError("the task has no parameters with requires_grad=True; nothing to train")
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def build_optimizer(task: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the task's trainable parameters (see :func:`param_groups`)."""
-    return torch.optim.AdamW(param_groups(task, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over the task's trainable parameters (see :func:`param_groups`); each group's lr is
+    ``cfg.lr * lr_scale``, and the schedule multiplies every group's lr alike."""
+    groups = param_groups(task, cfg.weight_decay, cfg.layer_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 class WarmupCosine:
@@ -353,7 +384,7 @@ class Trainer:
         bad, stop = (bool(f) for f in flags.tolist())
         if not bad and cfg.clip_grad:  # grads are synced here, so every rank decides alike
             bad = not math.isfinite(float(nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)))
-        w["lr"] = self.scheduler.get_last_lr()[0]
+        w["lr"] = max(self.scheduler.get_last_lr())  # the unscaled lr (layer decay scales the rest down)
         if bad:
             self.bad_steps, self._consecutive_bad = self.bad_steps + 1, self._consecutive_bad + 1
         else:

@@ -173,7 +173,7 @@ the training set is held out for validation: the holdout column; augmentation: {
 test set (the test column; never used for any choice). Teacher: timm ViT, width 192, depth 6, patch 4 (49 tokens),
 {_epochs(preset.teacher_epochs)} on {teacher_data}. Student: `{preset.student}`, distilled for
 {_epochs(preset.distill_epochs)} (K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for
-{_epochs(preset.finetune_epochs)}; the scratch student gets {_epochs(preset.distill_epochs + preset.finetune_epochs)}
+{_epochs(preset.finetune_epochs)} (peak lr {preset.finetune_lr:g}, layer-wise lr decay {preset.finetune_layer_decay:g}); the scratch student gets {_epochs(preset.distill_epochs + preset.finetune_epochs)}
 with labels (equal student epochs). Batch {preset.batch_size}; learning-rate warm-up
 {preset.student_warmup_epochs:g} epochs in every student stage.
 Seeds: {preset.seeds}.
