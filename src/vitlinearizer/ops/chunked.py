@@ -174,21 +174,18 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
 
     carry = want_state or chunks > 1 or initial_state is not None
-    stream = carry and not grad and CARRY == "stream"
     ys, states = [], []
     for g in range(groups):  # Mamba-2 has one group: one GEMM per term for all heads
         qq, kk = qg[:, :, g], kg[:, :, g]
         vg = vw if groups == 1 else vw.view(bc, chunk_size, groups, rep * value_dim)[:, :, g]
         scores = torch.bmm(qq, kk.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BC, Q, Q)
         ys.append(torch.bmm(scores, vg))  # intra-chunk, still without the exp(cum_i - m) row factor
-        if carry and not stream:
+        if carry:
             states.append(torch.bmm(kk.transpose(1, 2), vg))  # (BC, N, R*P), times exp(-m) of the true state
     if not carry:
         y = ys[0] if groups == 1 else torch.stack(ys, 2)
         y = y.view(batch, chunk_size, heads, value_dim)
         return (y * u.view(batch, chunk_size, heads, 1) if grad else y.mul_(u.view(batch, chunk_size, heads, 1))), None
-    if stream:
-        return _per_head_stream(ys, qg, kg, vw, u, half, initial_state, length)
     states = states[0] if groups == 1 else torch.stack(states, 2)
     states = states.view(batch, chunks, key_dim, heads, value_dim)
 
@@ -221,47 +218,6 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
     y = y * u[..., None] if grad else y.mul_(u[..., None])
     y = y.view(batch, chunks * chunk_size, heads, value_dim)[:, :length]
     return y, final_state
-
-
-def _per_head_stream(ys, qg, kg, vw, u, half, initial_state, length):
-    """The factored path's inter-chunk part without autograd: the state is carried chunk by chunk.
-
-    ``ys``: per group, the intra-chunk terms (B*C, Q, R*P) (no row factor yet); ``qg``, ``kg`` (B*C, Q, G, N);
-    ``vw`` (B*C, Q, H*P) values times exp(m - cum_j); ``u`` (B, C, Q, H) = exp(cum_i - m); ``half`` (B, C, 1, H)
-    = m. Per chunk and group, with S the true state entering the chunk (N, R*P):
-    S <- exp(m) S;  y += q S;  S <- exp(m) (S + k^T (w v)), i.e. S_out = exp(2m) S_in + sum_j exp(2m - cum_j)
-    k_j v_j^T. Three small GEMM/scale ops on a state that stays in cache, and no (C, N, H*P) tensors of chunk
-    states and entering states with their layout copies (the batched forms that autograd needs).
-    """
-    batch, chunks, chunk_size, heads = u.shape
-    groups, key_dim = qg.shape[2], qg.shape[3]
-    rep = heads // groups
-    value_dim = vw.shape[-1] // heads
-    ehalf = half.exp().view(batch, chunks, 1, heads, 1)
-    q5 = qg.view(batch, chunks, chunk_size, groups, key_dim)
-    k5 = kg.view(batch, chunks, chunk_size, groups, key_dim)
-    v4 = vw.view(batch, chunks, chunk_size, heads * value_dim)
-    finals = []
-    for g in range(groups):
-        heads_g = slice(g * rep, (g + 1) * rep)
-        if initial_state is None:
-            state = vw.new_zeros(batch, key_dim, rep * value_dim)
-        else:  # (B, H, N, P) -> (B, N, R*P)
-            state = initial_state[:, heads_g].to(vw.dtype).permute(0, 2, 1, 3).reshape(batch, key_dim, -1)
-        y4 = ys[g].view(batch, chunks, chunk_size, rep * value_dim)
-        state_heads = state.view(batch, key_dim, rep, value_dim)
-        values = slice(g * rep * value_dim, (g + 1) * rep * value_dim)
-        for c in range(chunks):
-            scale = ehalf[:, c, :, heads_g]  # (B, 1, R, 1)
-            state_heads.mul_(scale)
-            y4[:, c].baddbmm_(q5[:, c, :, g], state)
-            state.baddbmm_(k5[:, c, :, g].transpose(1, 2), v4[:, c, :, values])
-            state_heads.mul_(scale)
-        finals.append(state_heads)
-    y = ys[0] if groups == 1 else torch.stack(ys, 2)
-    y = y.view(batch, chunks, chunk_size, heads, value_dim).mul_(u[..., None])
-    final_state = (finals[0] if groups == 1 else torch.cat(finals, 2)).transpose(1, 2)  # (B, H, N, P)
-    return y.view(batch, chunks * chunk_size, heads, value_dim)[:, :length], final_state
 
 
 def _per_head_exact(q, k, v, log_decay, initial_state, chunk_size):
