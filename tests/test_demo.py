@@ -103,6 +103,18 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert "stage 'teacher'" in out and "data.max_train_samples" in out and "--fresh" in out
+    # An experiment with this teacher's weights and other student settings: no teacher stage, a labelled report.
+    other = tmp_path / "experiment"
+    proc = demo(other, "--teacher-weights", str(run_dir / "teacher" / "teacher.safetensors"),
+                "--objectives", "mask", "--student-warmup-epochs", "0.2")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert not (other / "teacher").exists() and (other / "finetune-mask-mamba2-s0" / "student.safetensors").is_file()
+    report = (other / "report.md").read_text()
+    assert "preset: tiny, with objectives=['mask'], student_warmup_epochs=0.2" in report
+    assert "the weights given with --teacher-weights" in report
+    assert json.loads((other / "scratch-mamba2-s0" / "config.yaml").read_text().split("warmup_epochs: ")[1]
+                      .split("\n")[0]) == 0.2
 
 
 def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():

@@ -268,7 +268,7 @@ def run_demo(preset_name: str, run_dir: Path, teacher_weights: str | None = None
         teacher_summary = _stage("teacher", run_dir, values, runner.train_teacher, log)
         teacher_file = str(run_dir / "teacher" / "teacher.safetensors")
 
-    results = {"teacher": {"summary": teacher_summary, "weights": teacher_file}}
+    results = {"teacher": {"summary": teacher_summary, "weights": teacher_file, "given": bool(teacher_weights)}}
     for mixer in preset.mixers:
         for seed in preset.seeds:
             for objective in preset.objectives_for(mixer):

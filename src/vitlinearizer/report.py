@@ -160,6 +160,8 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
     train = "all" if preset.train_samples is None else f"a class-balanced subset of {preset.train_samples}"
     teacher_data = {"same": "the same images", None: "all non-holdout training images"}.get(
         preset.teacher_train_samples, f"a class-balanced subset of {preset.teacher_train_samples} images")
+    teacher_training = (f"the weights given with --teacher-weights (`{results['teacher']['weights']}`)"
+                        if results["teacher"].get("given") else f"{_epochs(preset.teacher_epochs)} on {teacher_data}")
     stages_wall_s = sum(s["wall_s"] for s in log)
     text = f"""# ViT-Linearizer demo report (preset: {preset_name})
 
@@ -171,7 +173,7 @@ Data: Fashion-MNIST (Debian `dataset-fashion-mnist`), 28x28, {train} training im
 the training set is held out for validation: the holdout column; augmentation: {preset.augment}), the
 {'full 10k' if preset.eval_samples is None else f'class-balanced {preset.eval_samples}-image subset of the 10k'}
 test set (the test column; never used for any choice). Teacher: timm ViT, width 192, depth 6, patch 4 (49 tokens),
-{_epochs(preset.teacher_epochs)} on {teacher_data}. Student: `{preset.student}`, distilled for
+{teacher_training}. Student: `{preset.student}`, distilled for
 {_epochs(preset.distill_epochs)} (K={preset.num_stages} stages, 75% masking, no labels) then fine-tuned for
 {_epochs(preset.finetune_epochs)} (peak lr {preset.finetune_lr:g}, layer-wise lr decay {preset.finetune_layer_decay:g}); the scratch student gets {_epochs(preset.distill_epochs + preset.finetune_epochs)}
 with labels (equal student epochs). Batch {preset.batch_size}; learning-rate warm-up
