@@ -113,8 +113,8 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     report = (other / "report.md").read_text()
     assert "preset: tiny, with objectives=['mask'], student_warmup_epochs=0.2" in report
     assert "the weights given with --teacher-weights" in report
-    assert json.loads((other / "scratch-mamba2-s0" / "config.yaml").read_text().split("warmup_epochs: ")[1]
-                      .split("\n")[0]) == 0.2
+    scratch_config = demo_module.yaml.safe_load((other / "scratch-mamba2-s0" / "config.yaml").read_text())
+    assert scratch_config["train"]["warmup_epochs"] == 0.2
 
 
 def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
