@@ -131,7 +131,7 @@ def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(distill_epochs=0), r"--distill-epochs must be >= 1, got 0"),
-    (dict(objectives=["both", "kd"]), r"--objectives: unknown 'kd'; choose from both, none, mask, act"),
+    (dict(objectives=["both", "kd"]), r"--objectives: unknown 'kd'; choose from both, act, mask, none"),
     (dict(objectives=["none"]), r"at least one distillation objective"),
     (dict(mixers=["lstm"]), r"--mixers: unknown 'lstm'; choose from mamba2, gla, hgrn"),
     (dict(student_warmup_epochs=-0.1), r"--student-warmup-epochs must be >= 0"),

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import runner
 from .data import dataset_info
+from .distill import OBJECTIVES
 from .config import build_config, dump_yaml
 from .engine import TrainingInterrupted
 from .models.mixers import MIXERS
@@ -89,9 +90,6 @@ PRESETS = {
     "tiny": Preset(train_samples=256, eval_samples=256, teacher_epochs=1, distill_epochs=1, finetune_epochs=1,
                    latency_sizes=[28, 56], batch_size=16),
 }
-
-
-OBJECTIVES = ("both", "none", "mask", "act")
 
 
 def resolve_preset(name: str, distill_epochs: int | None = None, finetune_epochs: int | None = None,
