@@ -171,7 +171,7 @@ def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0)
         if not p.requires_grad:
             continue
         decayed = not (p.ndim <= 1 or name in skip)
-        layer = min(layer_of.get(name, num_layers - 1), num_layers - 1)
+        layer = layer_of.get(name, num_layers - 1)
         group = groups.setdefault((layer, decayed), {
             "params": [], "weight_decay": weight_decay if decayed else 0.0,
             "lr_scale": layer_decay ** (num_layers - 1 - layer)})
