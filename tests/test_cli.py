@@ -73,6 +73,40 @@ def test_eval_and_predict(pipeline, tmp_path, capsys):
     assert all(0 <= t["prob"] <= 1 and t["label"].startswith("class") for p in preds for t in p["top"])
 
 
+def _image_folder(root, classes=("circle", "square"), per_split=(6, 3)):
+    """An ImageFolder tree of mixed sizes, modes and formats: root/{train,val}/<class>/*."""
+    for split, count in zip(("train", "val"), per_split):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                mode, ext = (("RGB", "jpg"), ("L", "png"), ("RGBA", "png"))[i % 3]
+                color = 60 + 120 * c if mode == "L" else (60 + 120 * c, 30 * i, 90, 255)[: len(mode)]
+                Image.new(mode, (37 + 5 * i, 29 + 3 * c), color=color).save(folder / f"{i}.{ext}")
+
+
+def test_own_imagefolder_at_a_non_default_resolution(tmp_path, capsys):
+    """The README's own-data path: a student trained at 48 px with patch 8 (not its registered 28 px / patch 4)
+    is exported, and eval/predict rebuild it at that resolution from the file alone."""
+    _image_folder(tmp_path / "data")
+    data = ["--data.name", "imagefolder", "--data.root", str(tmp_path / "data"), "--data.img_size", "48"]
+    student = ["--student.model_kwargs", "{patch_size: 8, depth: 2, embed_dim: 32, mixer_kwargs: {d_state: 8, head_dim: 16}}"]
+    run = tmp_path / "finetune"
+    assert main(["finetune", *data, *student, "--train.epochs", "1", "--train.batch_size", "4",
+                 "--train.progress", "false", "--output_dir", str(run)]) == 0
+    ckpt = str(run / "student.safetensors")
+    assert safetensors.torch.load_file(ckpt)["pos_embed"].shape[1] == (48 // 8) ** 2 + 1
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", ckpt, *data[:4]]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["n"] == 6 and result["top1"] == pytest.approx(summary["test"]["top1"])
+    image = next((tmp_path / "data" / "val" / "square").glob("*.jpg"))
+    assert main(["predict", "--checkpoint", ckpt, "--json", str(image)]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert {t["label"] for t in preds[0]["top"]} <= {"circle", "square"}
+
+
 def test_resume_reproduces_uninterrupted_run(pipeline, tmp_path):
     """`--resume` after the run finished epoch 1 of 2 ends where the uninterrupted 2-epoch run ends."""
     teacher = str(pipeline / "teacher" / "teacher.safetensors")

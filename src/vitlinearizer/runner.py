@@ -79,7 +79,8 @@ def read_metadata(path: str | Path) -> dict:
 
 def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     meta = read_metadata(path)
-    kwargs = dict(meta["model_kwargs"])
+    # The resolution it was trained at: the position embedding in the file has that grid's size.
+    kwargs = {"img_size": tuple(meta["img_size"]), **meta["model_kwargs"]}
     model = timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
     state = load_state_dict_safely(path)
     if hasattr(model, "mask_token") and model.mask_token is None:
