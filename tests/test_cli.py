@@ -73,6 +73,16 @@ def test_eval_and_predict(pipeline, tmp_path, capsys):
     assert all(0 <= t["prob"] <= 1 and t["label"].startswith("class") for p in preds for t in p["top"])
 
 
+def test_distill_takes_a_teacher_trained_on_other_classes(pipeline, tmp_path):
+    """Distillation uses features only: a teacher checkpoint with a 7-class head distils into a 3-class student."""
+    state = safetensors.torch.load_file(str(pipeline / "teacher" / "teacher.safetensors"))
+    state["head.weight"], state["head.bias"] = torch.randn(7, state["head.weight"].shape[1]), torch.zeros(7)
+    other = tmp_path / "teacher7.safetensors"
+    safetensors.torch.save_file(state, str(other))
+    assert main(["distill", *TINY, "--output_dir", str(tmp_path / "distill"), "--teacher.weights", str(other)]) == 0
+    assert (tmp_path / "distill" / "student.safetensors").is_file()
+
+
 def _image_folder(root, classes=("circle", "square"), per_split=(6, 3)):
     """An ImageFolder tree of mixed sizes, modes and formats: root/{train,val}/<class>/*."""
     for split, count in zip(("train", "val"), per_split):

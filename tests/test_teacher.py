@@ -157,6 +157,9 @@ def test_head_mismatch_needs_ignore_head(tmp_path):
         ref = src.forward_features(x)
     assert torch.allclose(teacher.forward_features_aligned(x, []).cls, ref[:, 0], atol=1e-6, rtol=0)
     assert Teacher(NAME, weights=path, **{**TINY, "num_classes": 5})(x).shape == (2, 5)
+    # A headless teacher (what distillation builds) takes the backbone of any checkpoint, head or not.
+    headless = Teacher(NAME, weights=path, **{**TINY, "num_classes": 0})
+    assert torch.allclose(headless.forward_features_aligned(x, []).cls, ref[:, 0], atol=1e-6, rtol=0)
 
 
 def _to_openai_clip(sd):

@@ -200,7 +200,9 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Distil the teacher into the student (activation matching + masked prediction); no labels used."""
     info, train_ds, _ = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=True)
-    teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
+    # Distillation matches features only: a headless teacher, so a checkpoint trained on other classes
+    # (e.g. ImageNet's 1000) needs no --teacher.ignore_head.
+    teacher = build_teacher(cfg, 0, info["mean"], info["std"])
     task = DistillationTask(student, teacher, cfg.distill)
     return _train_and_export(task, cfg, info, train_ds, None, resume, "distilled-student", cfg.student.model,
                              dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")

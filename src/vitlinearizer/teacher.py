@@ -172,7 +172,7 @@ class Teacher(nn.Module):
         heads = self.model.pretrained_cfg.get("classifier") or "head"  # ("head", "head_dist") for DeiT
         head_prefixes = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
         expected = self.model.state_dict()
-        if ignore_head:
+        if ignore_head or getattr(self.model, "num_classes", None) == 0:  # headless: features only
             sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
             expected = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
         missing = sorted(set(expected) - set(sd))
@@ -187,7 +187,8 @@ class Teacher(nn.Module):
             if any(k.startswith(head_prefixes) for k in missing + unexpected + shapes):
                 n = next((sd[k].shape[0] for k in sd if k.startswith(head_prefixes)), None)
                 lines.append(f"  the classifier head does not fit (checkpoint head outputs: {n}); pass "
-                             "num_classes to match it, or ignore_head=True to drop the head weights")
+                             "num_classes to match it, or ignore_head=True (CLI: --teacher.ignore_head true) to drop the "
+                             "head weights")
             raise ValueError("\n".join(lines))
         self.model.load_state_dict(sd, strict=not ignore_head)
 
