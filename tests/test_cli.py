@@ -111,6 +111,10 @@ def test_own_imagefolder_at_a_non_default_resolution(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((run / "summary.json").read_text())
     assert result["n"] == 6 and result["top1"] == pytest.approx(summary["test"]["top1"])
+    # Same number of classes, other names: refused with the names, not a meaningless accuracy.
+    _image_folder(tmp_path / "other", classes=("circle", "star"))
+    assert main(["eval", "--checkpoint", ckpt, "--data.name", "imagefolder", "--data.root", str(tmp_path / "other")]) == 2
+    assert "1: data 'star' vs model 'square'" in capsys.readouterr().err
     image = next((tmp_path / "data" / "val" / "square").glob("*.jpg"))
     assert main(["predict", "--checkpoint", ckpt, "--json", str(image)]) == 0
     preds = json.loads(capsys.readouterr().out)

@@ -238,6 +238,11 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     dataset = build_dataset(data, split)
     if dataset.num_classes != meta["num_classes"]:
         raise ValueError(f"the data has {dataset.num_classes} classes but the model predicts {meta['num_classes']}")
+    if dataset.classes != list(meta["classes"]):  # same count, other labels: the accuracy would be meaningless
+        differ = [f"{i}: data {a!r} vs model {b!r}" for i, (a, b) in enumerate(zip(dataset.classes, meta["classes"]))
+                  if a != b]
+        raise ValueError(f"the data's classes are not the ones the model was trained on ({'; '.join(differ[:5])}); "
+                         "evaluate on data with the same class folders")
     result = evaluate_classifier(model, dataset, batch_size)
     return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
 

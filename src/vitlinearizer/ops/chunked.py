@@ -126,9 +126,9 @@ def _scan_chunk_states(states, total, half, initial_state, group: int = SCAN_GRO
         rows = torch.cat([hf + (cum - tot), cum[..., -1:]], -1)  # (..., n+1): entering rows, then the final row
         cols = hf - cum  # (..., n)
         later = torch.ones(n + 1, n, dtype=torch.bool, device=states.device).triu()  # chunk j >= row c: no effect
-        weights = (rows[..., :, None] + cols[..., None, :]).masked_fill_(later, float("-inf"))
-        weights = torch.cat([rows[..., None], weights], -1).exp_()  # (..., n+1, n+1)
-        out = weights @ torch.cat([state.unsqueeze(-2), states[..., g0:g1, :]], -2)  # (..., n+1, F)
+        weights = (rows[..., :, None] + cols[..., None, :]).masked_fill_(later, float("-inf")).exp_()  # (..., n+1, n)
+        out = weights @ states[..., g0:g1, :]  # (..., n+1, F); the incoming state is added without a concat copy
+        out = out.addcmul_(rows.exp()[..., None], state.unsqueeze(-2))
         outs.append(out[..., :n, :])
         state = out[..., n, :]
     entering = outs[0] if len(outs) == 1 else torch.cat(outs, -2)
