@@ -83,6 +83,21 @@ def test_distill_takes_a_teacher_trained_on_other_classes(pipeline, tmp_path):
     assert (tmp_path / "distill" / "student.safetensors").is_file()
 
 
+def test_initialisation_follows_the_seed_not_the_process_history(tmp_path):
+    """A stage run after other random work in the same process (as in the demo) exports the same model as
+    when run alone, and another train.seed gives another model."""
+    def finetune(name, seed=0):
+        assert main(["finetune", *TINY, "--train.seed", str(seed), "--output_dir", str(tmp_path / name)]) == 0
+        return safetensors.torch.load_file(str(tmp_path / name / "student.safetensors"))
+
+    alone = finetune("alone")
+    torch.rand(1000)  # what earlier stages would have drawn
+    after_other_work = finetune("after")
+    assert all(torch.equal(alone[k], after_other_work[k]) for k in alone)
+    other_seed = finetune("seed1", seed=1)
+    assert not torch.equal(alone["pos_embed"], other_seed["pos_embed"])
+
+
 def _image_folder(root, classes=("circle", "square"), per_split=(6, 3)):
     """An ImageFolder tree of mixed sizes, modes and formats: root/{train,val}/<class>/*."""
     for split, count in zip(("train", "val"), per_split):

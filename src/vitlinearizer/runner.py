@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import export_student, write_text_atomic
+from .checkpoint import derive_seed, export_student, seed_all, write_text_atomic
 from .config import RunConfig, dump_yaml
 from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
 from .distill import DistillationTask
@@ -87,6 +87,12 @@ def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict
         state.pop("mask_token", None)
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def _seed_initialisation(cfg: RunConfig) -> None:
+    """Model initialisation follows train.seed, not whatever drew random numbers earlier in this process: a
+    stage gives the same result alone (CLI) or after other stages (the demo), and --train.seed changes it."""
+    seed_all(derive_seed(cfg.train.seed, 3))
 
 
 def _datasets(cfg: RunConfig):
@@ -188,6 +194,7 @@ def dry_run_config(cfg: RunConfig, output_dir: str, img_size: int | None = None)
 
 def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised training of a timm ViT teacher from scratch (the demo's teacher)."""
+    _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
                               **cfg.teacher.model_kwargs)
@@ -198,6 +205,7 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
 
 def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Distil the teacher into the student (activation matching + masked prediction); no labels used."""
+    _seed_initialisation(cfg)
     info, train_ds, _ = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=True)
     # Distillation matches features only: a headless teacher, so a checkpoint trained on other classes
@@ -210,6 +218,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
 
 def finetune(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint."""
+    _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=False)
     teacher = None
