@@ -92,7 +92,7 @@ def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict
 def _seed_initialisation(cfg: RunConfig) -> None:
     """Model initialisation follows train.seed, not whatever drew random numbers earlier in this process: a
     stage gives the same result alone (CLI) or after other stages (the demo), and --train.seed changes it."""
-    seed_all(derive_seed(cfg.train.seed, 3))
+    seed_all(derive_seed(cfg.train.seed, 3))  # 3: a stream apart from the engine's (data order 1, training 2)
 
 
 def _datasets(cfg: RunConfig):

@@ -172,7 +172,8 @@ class Teacher(nn.Module):
         heads = self.model.pretrained_cfg.get("classifier") or "head"  # ("head", "head_dist") for DeiT
         head_prefixes = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
         expected = self.model.state_dict()
-        if ignore_head or getattr(self.model, "num_classes", None) == 0:  # headless: features only
+        drop_head = ignore_head or getattr(self.model, "num_classes", None) == 0  # headless: features only
+        if drop_head:
             sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
             expected = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
         missing = sorted(set(expected) - set(sd))
@@ -190,7 +191,7 @@ class Teacher(nn.Module):
                              "num_classes to match it, or ignore_head=True (CLI: --teacher.ignore_head true) to drop the "
                              "head weights")
             raise ValueError("\n".join(lines))
-        self.model.load_state_dict(sd, strict=not ignore_head)
+        self.model.load_state_dict(sd, strict=not drop_head)
 
     def train(self, mode: bool = True) -> "Teacher":
         """Ignores ``mode``: the target must stay deterministic (no dropout/drop-path)."""
