@@ -62,6 +62,27 @@ def test_mamba2_settings_match_the_paper():
     assert (dt >= 1e-4 - 1e-9).all() and (dt <= 0.1 + 1e-6).all()
 
 
+def test_mamba2_in_proj_padding_is_inert_and_old_checkpoints_load():
+    # Width 384: z 768 + xBC 896 + dt 12 = 1676 outputs, padded to 1680 for the CPU GEMM.
+    torch.manual_seed(0)
+    m = create_mixer("mamba2", 384).double()
+    assert m.in_proj.out_features == 1680
+    x = torch.randn(1, 9, 384, dtype=torch.float64)
+    y = m(x)
+    (grad,) = torch.autograd.grad(y.square().sum(), [m.in_proj.weight])
+    assert grad[1676:].abs().sum() == 0 and grad[:1676].abs().sum() > 0
+    with torch.no_grad():  # whatever the padding rows hold never reaches the output
+        m.in_proj.weight[1676:] = 1e3
+    torch.testing.assert_close(m(x), y)
+
+    unpadded = {k: (v[:1676] if k == "in_proj.weight" else v) for k, v in m.state_dict().items()}
+    fresh = create_mixer("mamba2", 384).double()
+    fresh.load_state_dict(unpadded)  # strict: a checkpoint from before the padding
+    torch.testing.assert_close(fresh(x), y)
+    with pytest.raises(RuntimeError, match="in_proj.weight"):
+        fresh.load_state_dict({**unpadded, "in_proj.weight": unpadded["in_proj.weight"][:1600]})
+
+
 def test_gated_rmsnorm_normalises_gated_input():
     norm = GatedRMSNorm(8, group_size=4).double()
     y, z = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)

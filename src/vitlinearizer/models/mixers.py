@@ -84,6 +84,13 @@ class GatedRMSNorm(nn.Module):
         return x.reshape(shape).to(y.dtype) * self.weight
 
 
+# in_proj's output width is padded to a multiple of this: MKL's CPU sgemm runs 20-35% slower when the width
+# is 4 mod 8, as for Adventurer at width 384 (2*768 + 2*64 + 12 heads = 1676; 1680 runs at the speed of its
+# neighbours). The outputs of the padding rows are never read (so those rows get no gradient). Same idea as
+# Mamba's ``pad_vocab_size_multiple`` for its output embedding. See docs/performance.md.
+IN_PROJ_ALIGN = 8
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba-2 layer: in_proj -> (z, xBC, dt); causal depthwise conv on xBC; SSD; gated RMSNorm; out_proj.
 
@@ -119,7 +126,9 @@ class Mamba2Mixer(nn.Module):
         self.impl, self.chunk_size = impl, chunk_size
         self.conv_dim = d_inner + 2 * n_groups * d_state
 
-        self.in_proj = nn.Linear(dim, d_inner + self.conv_dim + self.num_heads, bias=False)
+        used = d_inner + self.conv_dim + self.num_heads
+        self._in_proj_split = [d_inner, self.conv_dim, self.num_heads, -used % IN_PROJ_ALIGN]
+        self.in_proj = nn.Linear(dim, used + self._in_proj_split[-1], bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
         # dt is log-uniform in [dt_min, dt_max]; store softplus^-1(dt) so softplus(dt_bias) starts there.
         dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -129,6 +138,15 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // n_groups, eps=norm_eps)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before in_proj was padded (or by unpadded Mamba-2 code) have no padding rows.
+        key = prefix + "in_proj.weight"
+        weight = state_dict.get(key)
+        rows = self.in_proj.out_features
+        if weight is not None and weight.dim() == 2 and weight.shape[0] == rows - self._in_proj_split[-1] < rows:
+            state_dict[key] = torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _ssd_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
         """Split the conv output into recurrence inputs; shapes keep any leading (B,) or (B, L) dims."""
@@ -160,7 +178,7 @@ class Mamba2Mixer(nn.Module):
         Returns (y (B, T, D), state after the segment), or (y, None) when ``want_state`` is False.
         """
         conv_state, ssm_state = (None, None) if state is None else state
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xbc, dt, _ = self.in_proj(x).split(self._in_proj_split, dim=-1)
         prev = None if conv_state is None else conv_state.transpose(1, 2)  # (B, d_conv-1, C)
         width = self.d_conv - 1
         if want_state:  # the last d_conv-1 conv inputs, read before anything is overwritten
@@ -187,7 +205,7 @@ class Mamba2Mixer(nn.Module):
     def step(self, x_t: torch.Tensor, state=None):
         """One token: x_t (B, D), state (conv window (B, C, d_conv-1), SSM state (B, H, N, P)) or None."""
         conv_state, ssm_state = state if state is not None else self.init_state(x_t.shape[0], x_t.device, x_t.dtype)
-        z, xbc, dt = self.in_proj(x_t).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        z, xbc, dt, _ = self.in_proj(x_t).split(self._in_proj_split, dim=-1)
         window = torch.cat([conv_state, xbc[..., None]], dim=-1)  # (B, C, d_conv)
         xbc = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
         xs, q, k, v, log_decay = self._ssd_inputs(xbc, dt)
