@@ -96,11 +96,13 @@ def _carry_states(chunk_states, chunk_decay, initial_state, state_scale=None, en
 # ~8 ops per group (one small GEMM), which matters on a loaded CPU where every parallel op can wait for a
 # descheduled thread; the GEMM costs ~(group+1) * 2 * N * P FLOPs per chunk and head, so groups stay small.
 SCAN_GROUP = 32
-# How the per-head factored path carries states between chunks: "scan" (the small matmuls above: ~8 ops per
-# group) or "loop" (3 small ops per chunk, no layout copies). On an idle CPU, or with OMP_WAIT_POLICY=PASSIVE,
-# "loop" is ~10-20% faster at L = 1k-4k; on a CPU shared with other processes under the default (spinning)
-# OpenMP wait policy every op can cost milliseconds and "loop" is 3-4x slower. "scan" is the robust default.
-CARRY = "scan"
+# How the per-head factored path carries states between chunks: "loop" (3 small ops per chunk on an (N, H*P)
+# state that stays in cache, no layout copies) or "scan" (the small matmuls above: ~8 ops per group of chunks,
+# but two head-major copies of all chunk states and a memory-bound matmul over them). Measured on 2 CPU cores
+# (benchmarks/ops.py, docs/performance.md): "loop" is 15-35% faster for the kernel at L = 4097 under both
+# OpenMP wait policies and ~6% faster in the 384-wide student at 1024²; "scan" issues ~10x fewer ops, which
+# only wins on an oversubscribed CPU where every parallel op can wait milliseconds for a descheduled thread.
+CARRY = "loop"
 
 
 def _scan_chunk_states(states, total, half, initial_state, group: int = SCAN_GROUP):
