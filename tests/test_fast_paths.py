@@ -71,6 +71,23 @@ def test_large_spans_fall_back_to_exact(per_channel, monkeypatch):
     assert calls and torch.isfinite(y).all() and rel_err(ref, y) < 1e-3
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_span_too_large_for_a_chunk_halves_it_before_going_exact(per_channel, monkeypatch):
+    # -2.5 per token: a 128-token chunk spans 320 and a 64-token one 160 (> MAX_FACTORED_SPAN = 100), a
+    # 32-token one 80: the factored path must run at 32 instead of handing the whole call to the exact path.
+    ins = [t.detach() for t in inputs(1, 200, 2, 2, 4, 3, per_channel, seed=3)]
+    ins[3] = torch.full_like(ins[3], -2.5)
+    exact = "_per_channel_exact" if per_channel else "_per_head_exact"
+    monkeypatch.setattr(chunked_mod, exact, lambda *a: pytest.fail("exact path used"))
+    factored_name = "_per_channel_factored" if per_channel else "_per_head_factored"
+    factored, sizes = getattr(chunked_mod, factored_name), []
+    monkeypatch.setattr(chunked_mod, factored_name, lambda *a: sizes.append(a[5]) or factored(*a))
+    ref_y, ref_s = linear_recurrence(*ins[:4], initial_state=ins[4], return_final_state=True, impl="naive")
+    y, s = chunked_linear_recurrence(*ins[:4], ins[4], True, 128)
+    assert sizes == [128, 64, 32]
+    assert rel_err(ref_y, y) < 1e-10 and rel_err(ref_s, s) < 1e-10
+
+
 def test_auto_takes_the_factored_path_for_model_like_decays(monkeypatch):
     ins = [t.detach() for t in inputs(1, 130, 4, 1, 8, 8, False, scale=0.5)]
     monkeypatch.setattr(chunked_mod, "_per_head_exact", lambda *a: pytest.fail("exact path used"))

@@ -40,6 +40,11 @@ EXACT_CHUNK_SIZE_PER_CHANNEL = 16
 # Largest total log-decay of one chunk for which the factored path is used: factors stay within
 # exp(±MAX_FACTORED_SPAN / 2) = exp(±50) ≈ 5e21, far inside the float32 range (3e38).
 MAX_FACTORED_SPAN = 100.0
+# A chunk whose span exceeds MAX_FACTORED_SPAN makes the factored path retry at half the chunk size (half the
+# span) down to this size before the exact path takes over: at Mamba-2's initial decays (A up to 16, dt up to
+# 0.1: up to 1.6 per token) a 128-token chunk exceeds the limit in most layers, a 64-token one in a few, and the
+# factored path at Q=32 is still as fast as the exact one at Q=64 (benchmarks/ops.py).
+MIN_FACTORED_CHUNK = 32
 METHODS = ("auto", "exact", "factored")
 
 
@@ -348,12 +353,15 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
     if method != "exact":
         size = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
         size = max(1, min(size, length))  # a sequence shorter than a chunk is one chunk, not padded
-        if per_head:
-            result = _per_head_factored(q, k, v, log_decay, initial_state, size, want_state)
-        else:
+        if not per_head:
             heads = v.shape[2]
-            result = _per_channel_factored(expand_groups(q, heads), expand_groups(k, heads), v, log_decay,
-                                           initial_state, size, want_state)
+            q, k = expand_groups(q, heads), expand_groups(k, heads)
+        factored = _per_head_factored if per_head else _per_channel_factored
+        while True:
+            result = factored(q, k, v, log_decay, initial_state, size, want_state)
+            if result is not None or size // 2 < MIN_FACTORED_CHUNK:
+                break
+            size //= 2  # halves every chunk's decay span; still faster than the exact path
         # A finite input whose factors still overflow (extreme activations) gets the exact path. Any inf/nan
         # element makes the sum inf/nan: one read pass instead of isfinite's four (a finite sum that
         # overflows only costs a needless, still exact, recomputation).
@@ -363,7 +371,7 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
         if per_head:
             result = _per_head_exact(q, k, v, log_decay, initial_state, chunk_size or DEFAULT_CHUNK_SIZE_PER_HEAD)
         else:
-            heads = v.shape[2]
+            heads = v.shape[2]  # expand_groups returns q, k unchanged when already expanded above
             result = _per_channel_exact(expand_groups(q, heads), expand_groups(k, heads), v, log_decay,
                                         initial_state, chunk_size or EXACT_CHUNK_SIZE_PER_CHANNEL)
     return result
