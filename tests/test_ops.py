@@ -89,6 +89,20 @@ def test_carried_state_splits_sequence(per_channel):
     assert rel_err(y_full, torch.cat([y1, y2], 1)) < 1e-10
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked", "step"])
+def test_empty_sequence_passes_the_state_through(impl):
+    q, k, v, a, s0 = (t.detach() for t in make_inputs(2, 0, 3, 4, 5, False, with_state=True))
+    y, state = linear_recurrence(q, k, v, a, initial_state=s0, return_final_state=True, impl=impl)
+    assert y.shape == (2, 0, 3, 5) and torch.equal(state, s0)
+    y, state = linear_recurrence(q, k, v, a, return_final_state=True, impl=impl)
+    assert y.shape == (2, 0, 3, 5) and state.shape == (2, 3, 4, 5) and not state.any()
+    # A sequence split at its very start: the empty head changes nothing.
+    q, k, v, a = (t.detach() for t in make_inputs(1, 9, 2, 3, 3, True, seed=2))
+    _, carried = linear_recurrence(q[:, :0], k[:, :0], v[:, :0], a[:, :0], return_final_state=True, impl=impl)
+    torch.testing.assert_close(linear_recurrence(q, k, v, a, initial_state=carried, impl=impl),
+                               linear_recurrence(q, k, v, a, impl=impl))
+
+
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
 def test_chunked_finite_for_long_strongly_decaying_sequences(per_channel):
     q, k, v, a = (t.detach().float() for t in make_inputs(1, 4097, 2, 8, 4, per_channel, dtype=torch.float64,
