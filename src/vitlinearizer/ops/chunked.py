@@ -20,8 +20,9 @@ inside the chunk, ``j <= i``):
   should an extreme activation still overflow. Masked (j > i) entries are removed with ``masked_fill``
   (never by multiplying with 0), so an overflow there cannot turn into a NaN, also not in the backward.
 
-``auto`` (the default) uses ``factored`` when it is safe and ``exact`` otherwise; both are tested against
-the naive loop (tests/test_ops.py). Without autograd, the kernels update their own temporaries in place.
+``auto`` (the default) uses ``factored`` when it is safe, first at the requested chunk size and then at halves
+of it (each halving halves every chunk's span) down to ``MIN_FACTORED_CHUNK``, and ``exact`` otherwise; both
+are tested against the naive loop (tests/test_ops.py, tests/test_fast_paths.py). Without autograd, the kernels update their own temporaries in place.
 """
 from __future__ import annotations
 
@@ -388,10 +389,11 @@ def chunked_linear_recurrence(
     q, k, v, log_decay, initial_state=None, return_final_state=False, chunk_size: int | None = None,
     method: str = "auto",
 ):
-    """Args and returns as :func:`vitlinearizer.ops.linear_recurrence`; ``chunk_size`` defaults per decay kind.
+    """Args and returns as :func:`vitlinearizer.ops.linear_recurrence`; ``chunk_size`` defaults per decay kind
+    and is the largest chunk used (the factored method halves it where a chunk's decay span is too large).
 
     ``method``: ``auto`` (factored when safe, else exact), ``exact`` or ``factored`` (still falls back to
-    exact for a chunk span above ``MAX_FACTORED_SPAN``). Computes in float32 for lower-precision inputs (the
+    exact for a chunk span above ``MAX_FACTORED_SPAN`` at every allowed chunk size). Computes in float32 for lower-precision inputs (the
     recurrence state is never kept in bf16/fp16).
     """
     if method not in METHODS:
