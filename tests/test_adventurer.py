@@ -159,6 +159,17 @@ def test_distilled_checkpoint_with_mask_token_loads_as_classifier(tmp_path):
     torch.testing.assert_close(plain(x), student(x))
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+def test_torch_export_captures_the_whole_model(mixer):
+    # The chunked kernel's data-dependent choices (span guard, overflow check) must not reach a captured graph.
+    torch.manual_seed(0)
+    model = timm.create_model("adventurer_nano_patch4_28", num_classes=3, mixer=mixer).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 28, 28),))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = timm.create_model("adventurer_nano_patch4_28")
     with pytest.raises(ValueError, match=r"30x28 is not a multiple of the patch size 4x4.*e\.g\. 28x28|32x28"):

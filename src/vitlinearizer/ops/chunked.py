@@ -143,6 +143,10 @@ def _scan_chunk_states(states, total, half, initial_state, group: int = SCAN_GRO
     return entering, state
 
 
+def _capturing_graph() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _max_span(cum_last: torch.Tensor) -> float:
     if cum_last.numel() == 0 or cum_last.device.type == "meta":  # meta: shape-only runs (FLOP counting)
         return 0.0
@@ -351,7 +355,10 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
     state possibly None when ``want_state`` is False."""
     result = None
     length = q.shape[1]
-    if method != "exact":
+    # The factored method decides from the data (span guard, overflow check); a graph being captured
+    # (torch.compile, torch.export, tracing) cannot branch on data, so it gets the exact method, which is safe
+    # for every input.
+    if method != "exact" and not _capturing_graph():
         size = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
         size = max(1, min(size, length))  # a sequence shorter than a chunk is one chunk, not padded
         if not per_head:
