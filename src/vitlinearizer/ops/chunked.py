@@ -22,7 +22,8 @@ inside the chunk, ``j <= i``):
 
 ``auto`` (the default) uses ``factored`` when it is safe, first at the requested chunk size and then at halves
 of it (each halving halves every chunk's span) down to ``MIN_FACTORED_CHUNK``, and ``exact`` otherwise; both
-are tested against the naive loop (tests/test_ops.py, tests/test_fast_paths.py). Without autograd, the kernels update their own temporaries in place.
+are tested against the naive loop (tests/test_ops.py, tests/test_fast_paths.py). Without autograd, the kernels
+update their own temporaries in place.
 """
 from __future__ import annotations
 
@@ -105,9 +106,10 @@ SCAN_GROUP = 32
 # How the per-head factored path carries states between chunks: "loop" (3 small ops per chunk on an (N, H*P)
 # state that stays in cache, no layout copies) or "scan" (the small matmuls above: ~8 ops per group of chunks,
 # but two head-major copies of all chunk states and a memory-bound matmul over them). Measured on 2 CPU cores
-# (benchmarks/ops.py, docs/performance.md): "loop" is 15-35% faster for the kernel at L = 4097 under both
-# OpenMP wait policies and ~6% faster in the 384-wide student at 1024²; "scan" issues ~10x fewer ops, which
-# only wins on an oversubscribed CPU where every parallel op can wait milliseconds for a descheduled thread.
+# (benchmarks/ops.py, docs/performance.md): "loop" is 15-40% faster for the kernel at L = 4097 under both
+# OpenMP wait policies and level with "scan" inside the student (within ±5% over repeated A/B runs); "scan"
+# issues ~10x fewer ops, which only wins on an oversubscribed CPU where every parallel op can wait
+# milliseconds for a descheduled thread.
 CARRY = "loop"
 
 
@@ -400,8 +402,8 @@ def chunked_linear_recurrence(
     and is the largest chunk used (the factored method halves it where a chunk's decay span is too large).
 
     ``method``: ``auto`` (factored when safe, else exact), ``exact`` or ``factored`` (still falls back to
-    exact for a chunk span above ``MAX_FACTORED_SPAN`` at every allowed chunk size). Computes in float32 for lower-precision inputs (the
-    recurrence state is never kept in bf16/fp16).
+    exact for a chunk span above ``MAX_FACTORED_SPAN`` at every allowed chunk size). Computes in float32 for
+    lower-precision inputs (the recurrence state is never kept in bf16/fp16).
     """
     if method not in METHODS:
         raise ValueError(f"chunked_linear_recurrence: method must be one of {', '.join(METHODS)}, got {method!r}")
