@@ -79,7 +79,7 @@ SLAB_ALIGN = 64  # slabs are whole chunks of the recurrence kernel
 
 def slab_size(positions: int, target: int) -> int:
     """Equal slabs of about ``target`` positions (a multiple of SLAB_ALIGN); ``positions`` when one slab."""
-    count = max(1, round(positions / target))
+    count = max(1, (2 * positions + target) // (2 * target))  # rounded; also for traced (tensor) sizes
     if count == 1:
         return positions
     align = min(SLAB_ALIGN, target)

@@ -413,7 +413,7 @@ def chunked_linear_recurrence(
     per_head = log_decay.dim() == 3
     length = q.shape[1]
     align = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
-    segments = max(1, round(length / SEGMENT_TOKENS)) if SEGMENT_TOKENS else 1
+    segments = max(1, (2 * length + SEGMENT_TOKENS) // (2 * SEGMENT_TOKENS)) if SEGMENT_TOKENS else 1  # rounded
     if segments == 1 or _grad_needed(q, k, v, log_decay, initial_state) or q.device.type == "meta":
         y, state = _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, return_final_state)
         return y.to(out_dtype), (state.contiguous() if return_final_state else None)
