@@ -530,13 +530,13 @@ def adventurer_large_patch16_224(pretrained: bool = False, **kwargs) -> Adventur
 
 @register_model
 def adventurer_nano_patch4_28(pretrained: bool = False, **kwargs) -> Adventurer:
-    """Demo size (~1.3M), width 128, depth 6, patch 4: for 28-64 px images."""
+    """Demo size (1.4M), width 128, depth 6, patch 4: for 28-64 px images."""
     model_args = dict(img_size=28, patch_size=4, embed_dim=128, depth=6)
     return _create_adventurer("adventurer_nano_patch4_28", pretrained, **_demo_args(dict(model_args, **kwargs)))
 
 
 @register_model
 def adventurer_micro_patch4_28(pretrained: bool = False, **kwargs) -> Adventurer:
-    """Demo size (~2.9M), width 192, depth 6, patch 4: for 28-64 px images."""
+    """Demo size (3.1M), width 192, depth 6, patch 4: for 28-64 px images."""
     model_args = dict(img_size=28, patch_size=4, embed_dim=192, depth=6)
     return _create_adventurer("adventurer_micro_patch4_28", pretrained, **_demo_args(dict(model_args, **kwargs)))
