@@ -66,8 +66,9 @@ def implementations(inputs, device, chunk_sizes, include_slow: bool, compile_ok:
         if fla_available(torch.device(device)):
             fns["fla"] = lambda: linear_recurrence(q, k, v, a, impl="fla")
         if compile_ok:
+            # Under compilation the chunked kernel takes its exact method (no data-dependent branches).
             compiled = torch.compile(chunked_mod.chunked_linear_recurrence, dynamic=False)
-            fns["chunked + torch.compile"] = lambda: compiled(q, k, v, a)
+            fns["chunked exact + torch.compile"] = lambda: compiled(q, k, v, a)
     return fns
 
 
