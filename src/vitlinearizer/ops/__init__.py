@@ -62,15 +62,8 @@ def linear_recurrence(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_recurrence: chunk_size must be a positive int, got {chunk_size!r}")
     impl = resolve_impl(impl, q.device)
-    if q.shape[1] == 0:  # an empty sequence: nothing to scan, the state passes through
-        y = v.new_empty(v.shape)
-        if not return_final_state:
-            return y
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        batch, heads, key_dim, value_dim = v.shape[0], v.shape[2], q.shape[3], v.shape[3]
-        state = (initial_state.to(acc, copy=True) if initial_state is not None
-                 else v.new_zeros(batch, heads, key_dim, value_dim, dtype=acc))
-        return y, state
+    if q.shape[1] == 0:  # an empty sequence: the reference loop, which passes the state through
+        impl = "naive"
     if impl == "chunked":
         y, state = chunked_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state, chunk_size)
     elif impl == "naive":

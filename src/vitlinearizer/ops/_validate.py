@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every path computes and keeps the state in: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def expand_groups(x: torch.Tensor, heads: int) -> torch.Tensor:
     """Broadcast (B, L, G, N) query/key groups to (B, L, H, N); a no-op when G == H."""
     groups = x.shape[2]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._validate import expand_groups
+from ._validate import accumulation_dtype, expand_groups
 
 # Chosen from benchmarks/ops.py on 2 CPU cores (see docs/performance.md, "Chunk size"). Per-head decays: the
 # factored path is three GEMMs per chunk whose efficiency grows with Q while the intra-chunk work grows as Q²;
@@ -408,7 +408,7 @@ def chunked_linear_recurrence(
     if method not in METHODS:
         raise ValueError(f"chunked_linear_recurrence: method must be one of {', '.join(METHODS)}, got {method!r}")
     out_dtype = v.dtype
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     q, k, v, log_decay = (t.to(acc) for t in (q, k, v, log_decay))
     per_head = log_decay.dim() == 3
     length = q.shape[1]

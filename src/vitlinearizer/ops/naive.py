@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import expand_groups
+from ._validate import accumulation_dtype, expand_groups
 
 
 def naive_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_state=False):
     """Args and returns as :func:`vitlinearizer.ops.linear_recurrence`."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     out_dtype = v.dtype
     heads = v.shape[2]
     q, k = expand_groups(q, heads).to(acc), expand_groups(k, heads).to(acc)  # (B, L, H, N)
@@ -24,7 +24,7 @@ def naive_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final
     if initial_state is None:
         state = q.new_zeros(batch, heads, key_dim, value_dim)  # (B, H, N, P)
     else:
-        state = initial_state.to(acc)
+        state = initial_state.to(acc, copy=True)  # never the caller's tensor, also for an empty sequence
     per_channel = log_decay.dim() == 4
     outputs = []
     for t in range(length):
@@ -32,5 +32,5 @@ def naive_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final
         decay = decay[..., None] if per_channel else decay[..., None, None]
         state = decay * state + k[:, t, :, :, None] * v[:, t, :, None, :]
         outputs.append((q[:, t, :, :, None] * state).sum(dim=2))  # (B, H, P)
-    y = torch.stack(outputs, dim=1).to(out_dtype)  # (B, L, H, P)
+    y = torch.stack(outputs, dim=1).to(out_dtype) if outputs else v.new_empty(v.shape, dtype=out_dtype)  # (B, L, H, P)
     return y, (state if return_final_state else None)
