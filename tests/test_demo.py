@@ -106,22 +106,32 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     # An experiment with this teacher's weights and other student settings: no teacher stage, a labelled report.
     other = tmp_path / "experiment"
     proc = demo(other, "--teacher-weights", str(run_dir / "teacher" / "teacher.safetensors"),
-                "--objectives", "mask", "--student-warmup-epochs", "0.2")
+                "--objectives", "mask", "--scratch-warmup-epochs", "0.2", "--distill-lr", "2e-3",
+                "--distill-warmup-epochs", "0")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert not (other / "teacher").exists() and (other / "finetune-mask-mamba2-s0" / "student.safetensors").is_file()
     report = (other / "report.md").read_text()
-    assert "preset: tiny, with objectives=['mask'], student_warmup_epochs=0.2" in report
+    assert ("preset: tiny, with objectives=['mask'], distill_lr=0.002, distill_warmup_epochs=0.0, "
+            "scratch_warmup_epochs=0.2") in report
     assert "the weights given with --teacher-weights" in report
-    scratch_config = demo_module.yaml.safe_load((other / "scratch-mamba2-s0" / "config.yaml").read_text())
-    assert scratch_config["train"]["warmup_epochs"] == 0.2
+    def train_config(stage):
+        return demo_module.yaml.safe_load((other / stage / "config.yaml").read_text())["train"]
+    # Each student stage has its own lr and warm-up.
+    tiny = demo_module.PRESETS["tiny"]
+    assert (train_config("distill-mask-mamba2-s0")["lr"], train_config("distill-mask-mamba2-s0")["warmup_epochs"]) == (2e-3, 0)
+    assert (train_config("finetune-mask-mamba2-s0")["lr"], train_config("finetune-mask-mamba2-s0")["warmup_epochs"]) == \
+        (tiny.finetune_lr, tiny.finetune_warmup_epochs)
+    assert (train_config("scratch-mamba2-s0")["lr"], train_config("scratch-mamba2-s0")["warmup_epochs"]) == \
+        (tiny.scratch_lr, 0.2)
 
 
 def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     preset = demo_module.resolve_preset("quick", distill_epochs=4, seeds=[3], objectives=["mask", "none"])
     assert (preset.distill_epochs, preset.finetune_epochs, preset.seeds) == (4, 1, [3])
-    warm = demo_module.resolve_preset("quick", student_warmup_epochs=0.1)
-    assert demo_module._base_config(warm, None, "cpu")["train"]["warmup_epochs"] == 0.1
+    warm = demo_module.resolve_preset("quick", scratch_warmup_epochs=0.2, scratch_lr=2e-3)
+    assert demo_module._base_config(warm, None, "cpu")["train"]["warmup_epochs"] == 0.2
+    assert demo_module._base_config(warm, None, "cpu")["train"]["lr"] == 2e-3
     assert preset.main_objective == "mask" and preset.objectives_for("mamba2") == ["mask", "none"]
     assert demo_module.PRESETS["quick"].distill_epochs == 1  # the registered preset is untouched
     assert demo_module.preset_label("quick", demo_module.PRESETS["quick"]) == "quick"
@@ -134,11 +144,20 @@ def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     (dict(objectives=["both", "kd"]), r"--objectives: unknown 'kd'; choose from both, act, mask, none"),
     (dict(objectives=["none"]), r"at least one distillation objective"),
     (dict(mixers=["lstm"]), r"--mixers: unknown 'lstm'; choose from mamba2, gla, hgrn"),
-    (dict(student_warmup_epochs=-0.1), r"--student-warmup-epochs must be >= 0"),
+    (dict(scratch_warmup_epochs=-0.1), r"--scratch-warmup-epochs must be >= 0"),
+    (dict(scratch_lr=-1e-3), r"--scratch-lr must be > 0"),
+    (dict(distill_warmup_epochs=-1.0), r"--distill-warmup-epochs must be >= 0, got -1.0"),
+    (dict(distill_lr=0.0), r"--distill-lr must be > 0, got 0.0"),
+    (dict(finetune_layer_decay=1.5), r"--finetune-layer-decay must be in \(0, 1\]"),
 ])
 def test_bad_preset_overrides_are_refused_with_the_allowed_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         demo_module.resolve_preset("quick", **kwargs)
+
+
+def test_an_unknown_preset_override_is_a_programming_error():
+    with pytest.raises(TypeError, match="teacher_epochs cannot be overridden"):
+        demo_module.resolve_preset("quick", teacher_epochs=3)
 
 
 def test_cli_reports_a_bad_override_without_a_traceback(capsys):
