@@ -334,6 +334,28 @@ def test_input_renormalisation_matches_manual():
         teacher.set_input_normalization(IMAGENET_MEAN)
 
 
+def test_a_teacher_exported_by_the_library_reads_its_inputs_with_its_training_statistics(tmp_path):
+    """The demo teacher is trained on data normalised with the dataset's mean/std, which its file records; taking
+    timm's architecture default (0.5) instead mis-scaled every input the demo's teacher saw (~3 points)."""
+    from vitlinearizer.runner import export_model
+
+    source = _source()
+    data_mean, data_std = (0.29, 0.29, 0.29), (0.35, 0.35, 0.35)
+    path = export_model(source, tmp_path / "teacher.safetensors",
+                        dict(kind="teacher", model=NAME, mean=list(data_mean), std=list(data_std)))
+    teacher = Teacher(NAME, weights=path, **TINY)
+    assert (teacher.mean, teacher.std) == (data_mean, data_std)
+    assert Teacher(NAME, **TINY).mean != data_mean  # timm's default, not changed for other teachers
+    teacher.set_input_normalization(data_mean, data_std)  # the data pipeline of its own training
+    x = _images()
+    assert teacher.normalize_input(x) is x  # nothing to re-map: the inputs are what it was trained on
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), source(x), atol=1e-5)
+    # A plain file without the library's description keeps timm's statistics.
+    plain = Teacher(NAME, weights=_save(source.state_dict(), tmp_path / "plain.safetensors"), **TINY)
+    assert plain.mean == Teacher(NAME, **TINY).mean
+
+
 def test_input_not_divisible_by_teacher_patch_is_resized():
     """A /6 teacher on 28-px images (a /14 teacher beside a /16 student at 64 px is the real case)."""
     teacher = Teacher("vit_tiny_patch16_224", img_size=30, patch_size=6, embed_dim=32, depth=2, num_heads=2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import math
 import os
 import random
@@ -345,6 +346,21 @@ def restore_training_state(ckpt: Checkpoint, task: nn.Module, optimizer: torch.o
 
 
 # --------------------------------------------------------------------------- export
+
+
+# The safetensors header entry in which exported models describe themselves (architecture, classes,
+# preprocessing), as JSON.
+METADATA_KEY = "vitlinearizer"
+
+
+def read_export_metadata(path: PathLike) -> Optional[dict]:
+    """The description :func:`export_student`'s callers stored in ``path``; None for any other file."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get(METADATA_KEY)
+    return None if meta is None else json.loads(meta)
 
 
 def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike,

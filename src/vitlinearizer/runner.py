@@ -12,13 +12,12 @@ import json
 import warnings
 from pathlib import Path
 
-import safetensors
 import timm
 import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import derive_seed, export_student, seed_all, write_text_atomic
+from .checkpoint import METADATA_KEY, derive_seed, export_student, read_export_metadata, seed_all, write_text_atomic
 from .config import RunConfig, dump_yaml
 from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
 from .distill import DistillationTask
@@ -26,8 +25,6 @@ from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
 from .models.adventurer import checkpoint_filter_fn
 from .teacher import Teacher, load_state_dict_safely
-
-METADATA_KEY = "vitlinearizer"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,11 +67,10 @@ def read_metadata(path: str | Path) -> dict:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: expected an exported .safetensors model (the run directory's student.safetensors)")
-    with safetensors.safe_open(str(path), "pt") as f:
-        meta = (f.metadata() or {}).get(METADATA_KEY)
+    meta = read_export_metadata(path)
     if meta is None:
         raise ValueError(f"{path} has no vitlinearizer metadata; export it with `vitlinearizer distill/finetune`")
-    return json.loads(meta)
+    return meta
 
 
 def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
