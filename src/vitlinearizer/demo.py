@@ -172,6 +172,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scratch-lr", type=float, metavar="LR", help="peak lr of the scratch baseline")
     group.add_argument("--scratch-warmup-epochs", type=float, metavar="E", help="lr warm-up of the scratch baseline")
 
+
 def run_demo_from_args(args: argparse.Namespace) -> int:
     try:
         preset = resolve_preset(args.preset, **{key: getattr(args, key) for key in OVERRIDABLE})
