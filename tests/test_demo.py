@@ -160,6 +160,29 @@ def test_an_unknown_preset_override_is_a_programming_error():
         demo_module.resolve_preset("quick", teacher_epochs=3)
 
 
+def test_every_override_has_a_flag_and_unset_flags_keep_the_preset(capsys):
+    import argparse
+    parser = argparse.ArgumentParser()
+    demo_module.add_demo_arguments(parser)
+    values = dict(distill_epochs="2", finetune_epochs="3", seeds=["4", "5"], objectives=["mask", "none"],
+                  mixers=["gla"], distill_lr="0.02", distill_warmup_epochs="0.3", finetune_lr="0.04",
+                  finetune_warmup_epochs="0.6", finetune_layer_decay="0.7", scratch_lr="0.08", scratch_warmup_epochs="0.9")
+    assert set(values) == set(demo_module.OVERRIDABLE)
+    argv = ["--preset", "full"]
+    for key, value in values.items():
+        argv += ["--" + key.replace("_", "-"), *([value] if isinstance(value, str) else value)]
+    given = vars(parser.parse_args(argv))
+    preset = demo_module.resolve_preset("full", **{key: given[key] for key in demo_module.OVERRIDABLE})
+    assert preset.seeds == [4, 5] and preset.objectives == ["mask", "none"] and preset.mixers == ["gla"]
+    assert (preset.distill_epochs, preset.finetune_epochs, preset.scratch_warmup_epochs) == (2, 3, 0.9)
+
+    unset = parser.parse_args([])
+    assert not any(hasattr(unset, key) for key in demo_module.OVERRIDABLE)
+    assert (getattr(unset, "teacher_weights", None), getattr(unset, "data_root", None)) == (None, None)
+    parser.print_help()
+    assert "(default: None)" not in capsys.readouterr().out
+
+
 def test_cli_reports_a_bad_override_without_a_traceback(capsys):
     from vitlinearizer.cli import main
     assert main(["demo", "--preset", "tiny", "--mixers", "lstm"]) == 2

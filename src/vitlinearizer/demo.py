@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import runner
-from .data import dataset_info
+from .data import DEFAULT_FASHION_MNIST_ROOT, dataset_info
 from .distill import OBJECTIVES
 from .config import build_config, dump_yaml
 from .engine import TrainingInterrupted
@@ -150,37 +150,49 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                         help="quick: ~15 min on 2 CPU cores; full: ablation + mixers + 3 seeds (hours); tiny: smoke test")
     parser.add_argument("--output-dir", default="runs/demo", help="run directory of the demo")
-    parser.add_argument("--teacher-weights", metavar="FILE",
+    # SUPPRESS: no "(default: None)" in --help where unset means something else; read with getattr(args, key, None).
+    parser.add_argument("--teacher-weights", metavar="FILE", default=argparse.SUPPRESS,
                         help="use these ViT weights (matching the demo teacher) instead of training a teacher")
-    parser.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's location)")
+    parser.add_argument("--data-root", metavar="DIR", default=argparse.SUPPRESS,
+                        help=f"Fashion-MNIST folder (unset: Debian's {DEFAULT_FASHION_MNIST_ROOT})")
     parser.add_argument("--fresh", action="store_true", help="delete the run directory and start over")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    group = parser.add_argument_group("overrides of the preset's student settings (for experiments)")
-    group.add_argument("--distill-epochs", type=int, metavar="N", help="distillation epochs")
-    group.add_argument("--finetune-epochs", type=int, metavar="N",
-                       help="fine-tuning epochs (the scratch baseline gets distill + finetune epochs)")
-    group.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="training seeds")
-    group.add_argument("--objectives", nargs="+", metavar="OBJ",
-                       help=f"distillation objectives of the first mixer, from {', '.join(OBJECTIVES)}")
-    group.add_argument("--mixers", nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}")
-    group.add_argument("--distill-lr", type=float, metavar="LR", help="peak lr of distillation")
-    group.add_argument("--distill-warmup-epochs", type=float, metavar="E", help="lr warm-up of distillation, in epochs")
-    group.add_argument("--finetune-lr", type=float, metavar="LR", help="peak lr of fine-tuning the distilled student")
-    group.add_argument("--finetune-warmup-epochs", type=float, metavar="E", help="lr warm-up of that fine-tuning")
-    group.add_argument("--finetune-layer-decay", type=float, metavar="D",
-                       help="layer-wise lr decay of that fine-tuning (1 = off)")
-    group.add_argument("--scratch-lr", type=float, metavar="LR", help="peak lr of the scratch baseline")
-    group.add_argument("--scratch-warmup-epochs", type=float, metavar="E", help="lr warm-up of the scratch baseline")
+    group = parser.add_argument_group("overrides of the preset's student settings (for experiments; unset: the preset's)",
+                                      argument_default=argparse.SUPPRESS)
+    flags = {
+        "distill_epochs": dict(type=int, metavar="N", help="distillation epochs"),
+        "finetune_epochs": dict(type=int, metavar="N",
+                                help="fine-tuning epochs (the scratch baseline gets distill + finetune epochs)"),
+        "seeds": dict(type=int, nargs="+", metavar="SEED", help="training seeds"),
+        "objectives": dict(nargs="+", metavar="OBJ",
+                           help=f"distillation objectives of the first mixer, from {', '.join(OBJECTIVES)}"),
+        "mixers": dict(nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}"),
+        "distill_lr": dict(type=float, metavar="LR", help="peak lr of distillation"),
+        "distill_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of distillation, in epochs"),
+        "finetune_lr": dict(type=float, metavar="LR", help="peak lr of fine-tuning the distilled student"),
+        "finetune_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of that fine-tuning"),
+        "finetune_layer_decay": dict(type=float, metavar="D", help="layer-wise lr decay of that fine-tuning (1 = off)"),
+        "scratch_lr": dict(type=float, metavar="LR", help="peak lr of the scratch baseline"),
+        "scratch_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of the scratch baseline"),
+    }
+    for key, kwargs in flags.items():
+        values = ", ".join(f"{name} {_format_value(getattr(PRESETS[name], key))}" for name in ("quick", "full"))
+        kwargs["help"] += f" (preset: {values})"
+        group.add_argument("--" + key.replace("_", "-"), **kwargs)
 
+
+def _format_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" if isinstance(value, float) else str(value)
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
     try:
-        preset = resolve_preset(args.preset, **{key: getattr(args, key) for key in OVERRIDABLE})
+        preset = resolve_preset(args.preset, **{key: getattr(args, key, None) for key in OVERRIDABLE})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_demo(args.preset, Path(args.output_dir), args.teacher_weights, args.data_root, args.fresh, args.device,
+        run_demo(args.preset, Path(args.output_dir), getattr(args, "teacher_weights", None),
+                 getattr(args, "data_root", None), args.fresh, args.device,
                  preset=preset)
     except TrainingInterrupted as exc:
         print(f"\ndemo interrupted ({exc}); finished stages are kept. Run the same command again to resume.",
