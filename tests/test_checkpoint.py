@@ -21,11 +21,13 @@ from vitlinearizer.checkpoint import (
     CheckpointError,
     CheckpointNoSpaceError,
     capture_rng_state,
+    export_model,
     export_student,
     list_checkpoints,
     load_checkpoint,
     load_latest_checkpoint,
     module_state_for_checkpoint,
+    read_export_metadata,
     restore_rng_state,
     save_checkpoint,
 )
@@ -184,3 +186,14 @@ def test_export_student_loads_into_timm(tmp_path):
     via_timm = timm.create_model("test_vit", pretrained=True, pretrained_cfg_overlay=overlay, **kw)
     for k, v in student.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]) and torch.equal(v, via_timm.state_dict()[k])
+
+
+def test_exported_description_round_trips_and_other_files_have_none(tmp_path):
+    student = timm.create_model("test_vit", img_size=32, patch_size=8, num_classes=5)
+    description = dict(kind="student", model="test_vit", num_classes=5, mean=[0.29] * 3, img_size=[32, 32])
+    path = export_model(student, tmp_path / "student.safetensors", description)
+    assert read_export_metadata(path) == description
+    assert set(safetensors.torch.load_file(path)) == set(student.state_dict())  # still a plain state dict
+    assert read_export_metadata(export_student(student, tmp_path / "plain.safetensors")) is None
+    torch.save(student.state_dict(), tmp_path / "weights.pth")
+    assert read_export_metadata(tmp_path / "weights.pth") is None

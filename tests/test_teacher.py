@@ -337,7 +337,7 @@ def test_input_renormalisation_matches_manual():
 def test_a_teacher_exported_by_the_library_reads_its_inputs_with_its_training_statistics(tmp_path):
     """The demo teacher is trained on data normalised with the dataset's mean/std, which its file records; taking
     timm's architecture default (0.5) instead mis-scaled every input the demo's teacher saw (~3 points)."""
-    from vitlinearizer.runner import export_model
+    from vitlinearizer.checkpoint import export_model
 
     source = _source()
     data_mean, data_std = (0.29, 0.29, 0.29), (0.35, 0.35, 0.35)

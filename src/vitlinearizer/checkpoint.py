@@ -41,7 +41,8 @@ from torch.utils.data import Dataset, Sampler
 __all__ = [
     "MODEL_FILE", "EMA_FILE", "STATE_FILE", "LATEST_FILE", "Checkpoint", "CheckpointError",
     "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
-    "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "write_text_atomic",
+    "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
+    "read_export_metadata", "write_text_atomic",
     "save_training_checkpoint", "restore_training_state", "capture_rng_state", "restore_rng_state",
     "gather_rng_states", "seed_all",
     "EpochBatchSampler", "SeededDataset", "derive_seed",
@@ -353,8 +354,13 @@ def restore_training_state(ckpt: Checkpoint, task: nn.Module, optimizer: torch.o
 METADATA_KEY = "vitlinearizer"
 
 
+def export_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike, description: Mapping) -> Path:
+    """Export weights with their description (JSON under ``METADATA_KEY``); the file stays a plain timm state dict."""
+    return export_student(model, path, metadata={METADATA_KEY: json.dumps(description)})
+
+
 def read_export_metadata(path: PathLike) -> Optional[dict]:
-    """The description :func:`export_student`'s callers stored in ``path``; None for any other file."""
+    """The description :func:`export_model` stored in ``path``; None for any other file."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return None

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import METADATA_KEY, derive_seed, export_student, read_export_metadata, seed_all, write_text_atomic
+from .checkpoint import derive_seed, export_model, read_export_metadata, seed_all, write_text_atomic
 from .config import RunConfig, dump_yaml
 from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
 from .distill import DistillationTask
@@ -54,11 +54,6 @@ def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataCon
         "interpolation": data.interpolation,
         "crop_pct": data.crop_pct,
     }
-
-
-def export_model(model: nn.Module, path: Path, metadata: dict) -> Path:
-    """Export weights with their description; the file stays a plain timm state dict."""
-    return export_student(model, path, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
 def read_metadata(path: str | Path) -> dict:
