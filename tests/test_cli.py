@@ -46,14 +46,34 @@ def test_every_run_directory_is_complete(pipeline):
     assert 0 <= json.loads((pipeline / "finetune" / "summary.json").read_text())["test"]["top1"] <= 100
 
 
-def test_distilled_student_loads_with_timm(pipeline):
-    path = pipeline / "distill" / "student.safetensors"
-    state = safetensors.torch.load_file(str(path))
-    model = timm.create_model("adventurer_nano_patch4_28", pretrained=True, num_classes=3, depth=2, embed_dim=32,
-                              mixer_kwargs=dict(d_state=8, head_dim=16),
-                              pretrained_cfg_overlay=dict(file=str(path), num_classes=3))
+def test_finetuned_student_loads_with_plain_timm_and_its_own_preprocessing(pipeline, tmp_path):
+    from vitlinearizer.checkpoint import export_model, pretrained_cfg_overlay, read_export_metadata
+    from vitlinearizer.runner import load_exported_model
+
+    state = safetensors.torch.load_file(str(pipeline / "finetune" / "student.safetensors"))
+    # Statistics of a dataset of its own (the synthetic data's are ImageNet's, which timm's registry has too).
+    meta = {**read_export_metadata(pipeline / "finetune" / "student.safetensors"), "mean": [0.3] * 3, "std": [0.4] * 3}
+    path = export_model(state, tmp_path / "student.safetensors", meta)
+    model = timm.create_model("adventurer_nano_patch4_28", pretrained=True, img_size=meta["img_size"],
+                              **meta["model_kwargs"], pretrained_cfg_overlay=pretrained_cfg_overlay(path))
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+    # timm's data config is the one the student was trained with, not the registry's defaults.
+    registry = timm.data.resolve_data_config(model=timm.create_model("adventurer_nano_patch4_28"))
+    for loaded in (model, load_exported_model(path)[0]):
+        config = timm.data.resolve_data_config(model=loaded)
+        assert config["mean"] == tuple(meta["mean"]) != registry["mean"]
+        assert config["std"] == tuple(meta["std"]) and config["input_size"] == (3, 28, 28)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), load_exported_model(path)[0](x))
+    with pytest.raises(ValueError, match="no vitlinearizer description"):
+        pretrained_cfg_overlay(_plain_copy(state, tmp_path / "plain.safetensors"))
+
+
+def _plain_copy(state, path):
+    safetensors.torch.save_file(state, str(path))
+    return path
 
 
 def test_eval_and_predict(pipeline, tmp_path, capsys):

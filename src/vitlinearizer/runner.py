@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import derive_seed, export_model, read_export_metadata, seed_all, write_text_atomic
+from .checkpoint import (derive_seed, export_model, pretrained_cfg_overlay, read_export_metadata, seed_all,
+                         write_text_atomic)
 from .config import RunConfig, dump_yaml
 from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
 from .distill import DistillationTask
@@ -77,6 +78,8 @@ def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict
     if hasattr(model, "mask_token") and model.mask_token is None:
         state.pop("mask_token", None)
     model.load_state_dict(state)
+    # What timm.data.resolve_data_config(model=model) reads: the file's preprocessing, not the registry's.
+    model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay(path)}
     return model.to(device).eval(), meta
 
 
