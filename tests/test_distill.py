@@ -81,7 +81,36 @@ def test_teacher_is_frozen_and_student_gets_all_gradients():
     assert all(p.grad is None for p in task.teacher.parameters())
 
 
+@pytest.mark.parametrize("objective", ["both", "act"])
+def test_class_token_target_regresses_the_teachers_class_token(objective):
+    task = make_task(objective, cls_weight=0.5)
+    images = torch.randn(2, 3, 28, 28)
+    mask = random_mask(2, 49, 0.75, generator=torch.Generator().manual_seed(0))
+    task.sample_mask = lambda *args: mask
+    out = task(images)
+    with torch.no_grad():
+        teacher_cls = task.teacher.forward_features_aligned(images, [-1]).cls
+        student_cls = task.student.forward_intermediates(images, indices=[0], output_fmt="NLC", mask=mask)[0][:, -1]
+    expected = torch.nn.functional.smooth_l1_loss(task.predictor(student_cls), teacher_cls)
+    torch.testing.assert_close(out["cls"], expected)
+    others = sum(out[k] for k in ("act", "mask") if k in out)
+    torch.testing.assert_close(out["loss"], others + 0.5 * out["cls"])
+    out["loss"].backward()
+    assert task.student.cls_token.grad.abs().sum() > 0 and task.predictor.weight.grad.abs().sum() > 0
+    assert "cls" not in make_task(objective)(images)  # off by default: the paper's objective
+
+
+def test_class_token_target_needs_a_teacher_class_token():
+    student = timm.create_model("adventurer_nano_patch4_28", depth=2, embed_dim=48, use_mask_token=True,
+                                mixer_kwargs=dict(d_state=8, head_dim=16))
+    teacher = Teacher("vit_tiny_patch16_224", img_size=28, class_token=False, global_pool="avg",
+                      **{**TEACHER_KW, "depth": 2})
+    with pytest.raises(ValueError, match="needs a teacher with a class token"):
+        DistillationTask(student, teacher, DistillConfig(num_stages=2, cls_weight=1.0))
+
+
 @pytest.mark.parametrize("bad,match", [
+    (dict(cls_weight=-1.0), r"distill.cls_weight must be >= 0"),
     (dict(mask_ratio=1.0), r"mask_ratio must be in \(0, 1\)"),
     (dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 1\)"),
     (dict(objective="kd"), "objective must be one of both, act, mask, none"),

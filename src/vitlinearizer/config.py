@@ -132,6 +132,7 @@ HELP = {
     "distill.normalize_target": "LayerNorm teacher targets (no affine) for masked prediction",
     "distill.smooth_l1_beta": "Smooth-L1 beta of masked prediction",
     "distill.label_smoothing": "label smoothing when objective=none",
+    "distill.cls_weight": "weight of predicting the teacher's final class token from the student's (not in the paper; 0: off)",
     "finetune.label_smoothing": "cross-entropy label smoothing",
     "finetune.kd_weight": "weight of logit distillation from the teacher (0: off)",
     "finetune.kd_temperature": "logit-distillation temperature",

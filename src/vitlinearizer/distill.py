@@ -1,6 +1,7 @@
 """The distiller: masking, teacher/student wiring and the combined ViT-Linearizer objective.
 
     L = w_act * L_act(student stages, teacher stages | visible tokens) + w_mask * L_mask(head(student last), teacher last | masked)
+        [+ w_cls * SmoothL1(head(student class token), teacher class token)]   (not in the paper; off by default)
 
 The teacher sees the full image; the student sees it with ``mask_ratio`` of its patch tokens replaced by a
 learnable mask token. ``objective`` selects the paper's ablation: ``both`` (default), ``act``, ``mask``, or
@@ -38,6 +39,9 @@ class DistillConfig:
     normalize_target: bool = False  # LayerNorm (no affine) on teacher targets, as MaskDistill
     smooth_l1_beta: float = 1.0  # Smooth-L1 transition point
     label_smoothing: float = 0.1  # objective=none only: CE label smoothing
+    # Not in the paper: the class token, which fine-tuning classifies from, predicts the teacher's final class
+    # token (through the same head as masked prediction). Neither paper loss targets it directly.
+    cls_weight: float = 0.0
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -50,7 +54,7 @@ class DistillConfig:
             raise ValueError(f"distill.act_tokens must be one of {', '.join(ACT_TOKENS)}, got {self.act_tokens!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"distill.num_stages must be a positive int, got {self.num_stages!r}")
-        for name in ("act_weight", "mask_weight", "row_block_size", "num_anchors", "smooth_l1_beta"):
+        for name in ("act_weight", "mask_weight", "cls_weight", "row_block_size", "num_anchors", "smooth_l1_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -124,8 +128,12 @@ class DistillationTask(nn.Module):
         self.teacher_taps = teacher.stage_indices(cfg.num_stages) if cfg.objective != "none" else []
         if cfg.objective != "none" and getattr(student, "mask_token", None) is None:
             raise ValueError("the student needs a mask token for distillation; create it with use_mask_token=True")
+        self.cls_weight = cfg.cls_weight if cfg.objective != "none" else 0.0
+        if self.cls_weight and not getattr(teacher, "has_class_token", False):
+            raise ValueError("distill.cls_weight > 0 needs a teacher with a class token; set distill.cls_weight=0")
         # Widths may differ: a linear head maps student tokens to the teacher's feature space.
-        self.predictor = nn.Linear(student.embed_dim, teacher.embed_dim) if cfg.objective in ("both", "mask") else None
+        needs_predictor = cfg.objective in ("both", "mask") or self.cls_weight > 0
+        self.predictor = nn.Linear(student.embed_dim, teacher.embed_dim) if needs_predictor else None
 
     def no_weight_decay(self) -> set[str]:
         return {f"student.{name}" for name in self.student.no_weight_decay()}
@@ -165,5 +173,12 @@ class DistillationTask(nn.Module):
             )
             loss = loss + self.cfg.mask_weight * masked
             out["mask"] = masked.detach()
+        if self.cls_weight:
+            pred_cls = self.predictor(final[:, -1:])
+            every = torch.ones(pred_cls.shape[:2], dtype=torch.bool, device=pred_cls.device)
+            cls = masked_prediction_loss(pred_cls, target.cls[:, None], every, beta=self.cfg.smooth_l1_beta,
+                                         normalize_target=self.cfg.normalize_target)
+            loss = loss + self.cls_weight * cls
+            out["cls"] = cls.detach()
         out["loss"] = loss
         return out
