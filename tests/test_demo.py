@@ -107,14 +107,17 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     other = tmp_path / "experiment"
     proc = demo(other, "--teacher-weights", str(run_dir / "teacher" / "teacher.safetensors"),
                 "--objectives", "mask", "--scratch-warmup-epochs", "0.2", "--distill-lr", "2e-3",
-                "--distill-warmup-epochs", "0")
+                "--distill-warmup-epochs", "0", "--distill-cls-weight", "0.5")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert not (other / "teacher").exists() and (other / "finetune-mask-mamba2-s0" / "student.safetensors").is_file()
     report = (other / "report.md").read_text()
     assert ("preset: tiny, with objectives=['mask'], distill_lr=0.002, distill_warmup_epochs=0.0, "
-            "scratch_warmup_epochs=0.2") in report
-    assert "the weights given with --teacher-weights" in report
+            "scratch_warmup_epochs=0.2, distill_cls_weight=0.5") in report
+    assert "the weights given with --teacher-weights" in report and "class-token target at weight 0.5" in report
+    distill_config = demo_module.yaml.safe_load((other / "distill-mask-mamba2-s0" / "config.yaml").read_text())
+    assert distill_config["distill"]["cls_weight"] == 0.5
+    assert "cls" in (other / "distill-mask-mamba2-s0" / "metrics.jsonl").read_text().splitlines()[-1]
     def train_config(stage):
         return demo_module.yaml.safe_load((other / stage / "config.yaml").read_text())["train"]
     # Each student stage has its own lr and warm-up.
@@ -149,6 +152,7 @@ def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     (dict(distill_warmup_epochs=-1.0), r"--distill-warmup-epochs must be >= 0, got -1.0"),
     (dict(distill_lr=0.0), r"--distill-lr must be > 0, got 0.0"),
     (dict(finetune_layer_decay=1.5), r"--finetune-layer-decay must be in \(0, 1\]"),
+    (dict(distill_cls_weight=-1.0), r"--distill-cls-weight must be >= 0 \(0 = off\), got -1.0"),
 ])
 def test_bad_preset_overrides_are_refused_with_the_allowed_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -165,7 +169,7 @@ def test_every_override_has_a_flag_and_unset_flags_keep_the_preset(capsys):
     parser = argparse.ArgumentParser()
     demo_module.add_demo_arguments(parser)
     values = dict(distill_epochs="2", finetune_epochs="3", seeds=["4", "5"], objectives=["mask", "none"],
-                  mixers=["gla"], distill_lr="0.02", distill_warmup_epochs="0.3", finetune_lr="0.04",
+                  mixers=["gla"], distill_lr="0.02", distill_warmup_epochs="0.3", distill_cls_weight="0.1", finetune_lr="0.04",
                   finetune_warmup_epochs="0.6", finetune_layer_decay="0.7", scratch_lr="0.08", scratch_warmup_epochs="0.9")
     assert set(values) == set(demo_module.OVERRIDABLE)
     argv = ["--preset", "full"]

@@ -54,6 +54,10 @@ def _group(results: dict) -> dict[str, dict]:
     return groups
 
 
+def _cls_target(preset) -> str:
+    return f", class-token target at weight {preset.distill_cls_weight:g}" if preset.distill_cls_weight else ""
+
+
 def _label(key: str) -> str:
     kind, *rest = key.split("-")
     if kind == "scratch":
@@ -174,7 +178,7 @@ the training set is held out for validation: the holdout column; augmentation: {
 {'full 10k' if preset.eval_samples is None else f'class-balanced {preset.eval_samples}-image subset of the 10k'}
 test set (the test column; never used for any choice). Teacher: timm ViT, width 192, depth 6, patch 4 (49 tokens),
 {teacher_training}. Student: `{preset.student}`, distilled for
-{_epochs(preset.distill_epochs)} (K={preset.num_stages} stages, 75% masking, no labels; peak lr {preset.distill_lr:g}, warm-up
+{_epochs(preset.distill_epochs)} (K={preset.num_stages} stages, 75% masking{_cls_target(preset)}, no labels; peak lr {preset.distill_lr:g}, warm-up
 {preset.distill_warmup_epochs:g} epochs) then fine-tuned for {_epochs(preset.finetune_epochs)} (peak lr {preset.finetune_lr:g}, warm-up {preset.finetune_warmup_epochs:g} epochs,
 layer-wise lr decay {preset.finetune_layer_decay:g}); the scratch student gets {_epochs(preset.distill_epochs + preset.finetune_epochs)} with labels (equal student
 epochs; peak lr {preset.scratch_lr:g}, warm-up {preset.scratch_warmup_epochs:g} epochs). Batch {preset.batch_size}.
