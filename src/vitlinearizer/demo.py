@@ -103,10 +103,26 @@ PRESETS = {
 }
 
 
-# The preset fields a demo flag may replace: --distill-epochs sets distill_epochs, and so on.
-OVERRIDABLE = ("distill_epochs", "finetune_epochs", "seeds", "objectives", "mixers", "distill_lr",
-               "distill_warmup_epochs", "distill_cls_weight", "finetune_lr", "finetune_warmup_epochs", "finetune_layer_decay", "scratch_lr",
-               "scratch_warmup_epochs")
+# The preset fields a demo flag may replace (--distill-epochs sets distill_epochs, and so on), with their flags.
+_OVERRIDE_FLAGS = {
+    "distill_epochs": dict(type=int, metavar="N", help="distillation epochs"),
+    "finetune_epochs": dict(type=int, metavar="N",
+                            help="fine-tuning epochs (the scratch baseline gets distill + finetune epochs)"),
+    "seeds": dict(type=int, nargs="+", metavar="SEED", help="training seeds"),
+    "objectives": dict(nargs="+", metavar="OBJ",
+                       help=f"distillation objectives of the first mixer, from {', '.join(OBJECTIVES)}"),
+    "mixers": dict(nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}"),
+    "distill_lr": dict(type=float, metavar="LR", help="peak lr of distillation"),
+    "distill_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of distillation, in epochs"),
+    "distill_cls_weight": dict(type=float, metavar="W",
+                               help="weight of a class-token target in distillation (not in the paper; 0 = off)"),
+    "finetune_lr": dict(type=float, metavar="LR", help="peak lr of fine-tuning the distilled student"),
+    "finetune_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of that fine-tuning"),
+    "finetune_layer_decay": dict(type=float, metavar="D", help="layer-wise lr decay of that fine-tuning (1 = off)"),
+    "scratch_lr": dict(type=float, metavar="LR", help="peak lr of the scratch baseline"),
+    "scratch_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of the scratch baseline"),
+}
+OVERRIDABLE = tuple(_OVERRIDE_FLAGS)
 
 
 def resolve_preset(name: str, **overrides) -> Preset:
@@ -164,32 +180,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     group = parser.add_argument_group("overrides of the preset's student settings (for experiments; unset: the preset's)",
                                       argument_default=argparse.SUPPRESS)
-    flags = {
-        "distill_epochs": dict(type=int, metavar="N", help="distillation epochs"),
-        "finetune_epochs": dict(type=int, metavar="N",
-                                help="fine-tuning epochs (the scratch baseline gets distill + finetune epochs)"),
-        "seeds": dict(type=int, nargs="+", metavar="SEED", help="training seeds"),
-        "objectives": dict(nargs="+", metavar="OBJ",
-                           help=f"distillation objectives of the first mixer, from {', '.join(OBJECTIVES)}"),
-        "mixers": dict(nargs="+", metavar="MIXER", help=f"student mixers, from {', '.join(MIXERS)}"),
-        "distill_lr": dict(type=float, metavar="LR", help="peak lr of distillation"),
-        "distill_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of distillation, in epochs"),
-        "distill_cls_weight": dict(type=float, metavar="W",
-                                   help="weight of a class-token target in distillation (not in the paper; 0 = off)"),
-        "finetune_lr": dict(type=float, metavar="LR", help="peak lr of fine-tuning the distilled student"),
-        "finetune_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of that fine-tuning"),
-        "finetune_layer_decay": dict(type=float, metavar="D", help="layer-wise lr decay of that fine-tuning (1 = off)"),
-        "scratch_lr": dict(type=float, metavar="LR", help="peak lr of the scratch baseline"),
-        "scratch_warmup_epochs": dict(type=float, metavar="E", help="lr warm-up of the scratch baseline"),
-    }
-    for key, kwargs in flags.items():
+    for key, kwargs in _OVERRIDE_FLAGS.items():
         values = ", ".join(f"{name} {_format_value(getattr(PRESETS[name], key))}" for name in ("quick", "full"))
-        kwargs["help"] += f" (preset: {values})"
-        group.add_argument("--" + key.replace("_", "-"), **kwargs)
+        group.add_argument("--" + key.replace("_", "-"), **{**kwargs, "help": f"{kwargs['help']} (preset: {values})"})
 
 
 def _format_value(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
     try:
