@@ -42,7 +42,7 @@ __all__ = [
     "MODEL_FILE", "EMA_FILE", "STATE_FILE", "LATEST_FILE", "Checkpoint", "CheckpointError",
     "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
     "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
-    "read_export_metadata", "pretrained_cfg_overlay", "write_text_atomic",
+    "read_export_metadata", "pretrained_cfg_overlay", "update_pretrained_cfg", "write_text_atomic",
     "save_training_checkpoint", "restore_training_state", "capture_rng_state", "restore_rng_state",
     "gather_rng_states", "seed_all",
     "EpochBatchSampler", "SeededDataset", "derive_seed",
@@ -369,20 +369,25 @@ def read_export_metadata(path: PathLike) -> Optional[dict]:
     return None if meta is None else json.loads(meta)
 
 
-def pretrained_cfg_overlay(path: PathLike) -> dict:
+def pretrained_cfg_overlay(path: PathLike, description: Optional[Mapping] = None) -> dict:
     """timm's ``pretrained_cfg_overlay`` for a file written by :func:`export_model`.
 
     ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=pretrained_cfg_overlay(path), **kwargs)``
     then loads the weights with the file's classifier size, and ``timm.data.resolve_data_config(model=model)``
     gives the statistics, input size and resize settings the model was trained with (timm's registry only knows
     the architecture's defaults). ``kwargs`` must still build the same architecture (``img_size`` and
-    ``model_kwargs`` of :func:`read_export_metadata`).
+    ``model_kwargs`` of :func:`read_export_metadata`). ``description``: the file's, when already read.
     """
-    meta = read_export_metadata(path)
+    meta = read_export_metadata(path) if description is None else description
     if meta is None:
         raise ValueError(f"{path} has no {METADATA_KEY} description; only files written by export_model carry one")
     return dict(file=str(path), num_classes=meta["num_classes"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
                 input_size=(3, *meta["img_size"]), interpolation=meta["interpolation"], crop_pct=meta["crop_pct"])
+
+
+def update_pretrained_cfg(model: nn.Module, **fields) -> None:
+    """Replace fields of a built timm model's ``pretrained_cfg`` (and of ``default_cfg``, timm's alias of it)."""
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, **fields}
 
 
 def export_student(student: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike,

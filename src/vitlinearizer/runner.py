@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (derive_seed, export_model, pretrained_cfg_overlay, read_export_metadata, seed_all,
-                         write_text_atomic)
+                         update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, dump_yaml
 from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
 from .distill import DistillationTask
@@ -79,7 +79,7 @@ def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict
         state.pop("mask_token", None)
     model.load_state_dict(state)
     # What timm.data.resolve_data_config(model=model) reads: the file's preprocessing, not the registry's.
-    model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay(path)}
+    update_pretrained_cfg(model, **pretrained_cfg_overlay(path, meta))
     return model.to(device).eval(), meta
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .checkpoint import read_export_metadata
+from .checkpoint import read_export_metadata, update_pretrained_cfg
 
 __all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "TeacherOutput", "Teacher"]
 
@@ -200,8 +200,7 @@ class Teacher(nn.Module):
         # distillation target would be computed from such inputs.
         meta = read_export_metadata(path)
         if meta is not None and "mean" in meta and "std" in meta:
-            cfg = {**self.model.pretrained_cfg, "mean": tuple(meta["mean"]), "std": tuple(meta["std"])}
-            self.model.pretrained_cfg = self.model.default_cfg = cfg  # timm keeps default_cfg as an alias
+            update_pretrained_cfg(self.model, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
 
     def train(self, mode: bool = True) -> "Teacher":
         """Ignores ``mode``: the target must stay deterministic (no dropout/drop-path)."""
