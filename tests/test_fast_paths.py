@@ -1,4 +1,4 @@
-"""The speed paths against their references: factored chunked kernel, chunk-state scan, token-major conv,
+"""The speed paths against their references: factored chunked kernel, chunk-state carry, token-major conv,
 mixer ``scan`` segments, the streaming Adventurer block and the no-autograd in-place model forward."""
 import math
 
@@ -40,7 +40,7 @@ def outputs_and_grads(fn, ins, seed=1):
 
 @pytest.mark.parametrize("method", ["factored", "exact"])
 @pytest.mark.parametrize("per_channel,groups", [(False, 1), (False, 2), (True, 4)], ids=["head_g1", "head_g2", "chan"])
-@pytest.mark.parametrize("length,chunk", [(1, 8), (37, 8), (300, 8)])  # 300/8 = 38 chunks: two scan groups
+@pytest.mark.parametrize("length,chunk", [(1, 8), (37, 8), (300, 8)])  # 300/8 = 38 chunks
 def test_chunked_methods_match_naive(method, per_channel, groups, length, chunk):
     ins = inputs(2, length, 4, groups, 5, 3, per_channel, seed=length)
     ref = outputs_and_grads(lambda *t: linear_recurrence(*t[:4], initial_state=t[4], return_final_state=True,
@@ -94,19 +94,33 @@ def test_auto_takes_the_factored_path_for_model_like_decays(monkeypatch):
     chunked_linear_recurrence(*ins[:4])
 
 
-def test_scan_of_chunk_states_matches_a_loop():
+def _plain_chunk_carry(states, half, init):
+    """S_{c+1} = exp(2 half_c) S_c + exp(half_c) states_c; returns (exp(half_c) S_c for every c, S_C)."""
+    state, entering = init, []
+    for c in range(states.shape[1]):
+        entering.append(state * half[:, c].exp())
+        state = state * (2 * half[:, c]).exp() + states[:, c] * half[:, c].exp()
+    return torch.stack(entering, 1), state
+
+
+def test_factored_chunk_carry_matches_the_plain_recurrence():
     gen = torch.Generator().manual_seed(0)
-    states = torch.randn(2, 3, 70, 5, generator=gen, dtype=torch.float64)
-    total = -torch.rand(2, 3, 70, generator=gen, dtype=torch.float64) * 3
-    half = total / 2
+    states = torch.randn(2, 70, 3, 5, generator=gen, dtype=torch.float64)  # (B, C, *S)
+    half = -torch.rand(2, 70, 3, 1, generator=gen, dtype=torch.float64) * 3
     init = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
-    entering, final = chunked_mod._scan_chunk_states(states, total, half, init, group=16)
-    state, expected = init, []
-    for c in range(70):
-        expected.append(state * half[..., c, None].exp())
-        state = state * total[..., c, None].exp() + states[..., c, :] * half[..., c, None].exp()
-    torch.testing.assert_close(entering, torch.stack(expected, -2))
-    torch.testing.assert_close(final, state)
+    expected = _plain_chunk_carry(states, half, init)
+    with torch.no_grad():  # the in-place path (it overwrites its copy of the states)
+        got = chunked_mod._carry_factored(states.clone(), half, init)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    args = [t[:, :6].clone().requires_grad_() for t in (states, half)] + [init.clone().requires_grad_()]
+    got, expected = chunked_mod._carry_factored(*args), _plain_chunk_carry(*args)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in expected]
+    grads = [torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, out)), args) for out in (got, expected)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 10])
@@ -227,11 +241,10 @@ def test_no_grad_long_sequences_run_in_segments(per_channel, monkeypatch):
     assert rel_err(ref_y, y) < 1e-10 and rel_err(ref_s, s) < 1e-10
 
 
-@pytest.mark.parametrize("carry", ["scan", "loop"])
-@pytest.mark.parametrize("groups", [1, 2])
-def test_per_head_carry_variants_match(carry, groups, monkeypatch):
-    monkeypatch.setattr(chunked_mod, "CARRY", carry)
-    ins = inputs(2, 150, 4, groups, 5, 3, False, seed=4)
+@pytest.mark.parametrize("groups,per_channel", [(1, False), (2, False), (4, True)],
+                         ids=["per_head_1_group", "per_head_2_groups", "per_channel"])
+def test_factored_chunk_carry_with_and_without_autograd(groups, per_channel):
+    ins = inputs(2, 150, 4, groups, 5, 3, per_channel, seed=4)  # 19 chunks of 8
     ref = outputs_and_grads(lambda *t: linear_recurrence(*t[:4], initial_state=t[4], return_final_state=True,
                                                           impl="naive"), ins)
     got = outputs_and_grads(lambda *t: chunked_linear_recurrence(*t[:4], t[4], True, 8, method="factored"), ins)

@@ -63,86 +63,60 @@ def _pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return F.pad(x, widths)
 
 
-def _carry_states(chunk_states, chunk_decay, initial_state, state_scale=None, entering_scale=None):
-    """Scan chunk-end contributions into the state *entering* each chunk.
+def _carry_states(chunk_states, chunk_decay, initial_state):
+    """The exact paths' chunk states scanned into the state *entering* each chunk.
 
-    chunk_states: (B, C, ...) state produced inside each chunk from a zero start (times ``1/state_scale``);
+    chunk_states: (B, C, ...) state produced inside each chunk from a zero start;
     chunk_decay:  (B, C, ...) broadcastable total decay across each chunk;
-    state_scale, entering_scale: optional (B, C, ...) factors applied to the chunk states and to the
-        returned entering states (the factored path's ``exp(m)``), folded into this small loop instead of
-        costing passes over the big tensors;
     returns (states entering each chunk (B, C, ...), final state (B, ...)).
     """
     chunks = chunk_states.shape[1]
-    if not _grad_needed(chunk_states, chunk_decay, initial_state, state_scale, entering_scale):
+    if not _grad_needed(chunk_states, chunk_decay, initial_state):
         # Write each entering state straight into one buffer: no per-chunk tensors and no final stack copy.
         entering = chunk_states.new_empty(chunk_states.shape)
         state = initial_state
         for c in range(chunks):
-            if entering_scale is None:
-                entering[:, c] = state
-            else:
-                torch.mul(state, entering_scale[:, c], out=entering[:, c])
-            if state_scale is None:
-                state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
-            else:
-                state = torch.addcmul(state * chunk_decay[:, c], chunk_states[:, c], state_scale[:, c])
+            entering[:, c] = state
+            state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
         return entering, state
     state = initial_state
     entering = []
     for c in range(chunks):
-        entering.append(state if entering_scale is None else state * entering_scale[:, c])
-        if state_scale is None:
-            state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
-        else:
-            state = torch.addcmul(state * chunk_decay[:, c], chunk_states[:, c], state_scale[:, c])
+        entering.append(state)
+        state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
     return torch.stack(entering, dim=1), state
 
 
-# Target chunks per matrix product in _scan_chunk_states (groups are balanced): the loop over chunks becomes
-# ~8 ops per group (one small GEMM), which matters on a loaded CPU where every parallel op can wait for a
-# descheduled thread; the GEMM costs ~(group+1) * 2 * N * P FLOPs per chunk and head, so groups stay small.
-SCAN_GROUP = 32
-# How the per-head factored path carries states between chunks: "loop" (3 small ops per chunk on an (N, H*P)
-# state that stays in cache, no layout copies) or "scan" (the small matmuls above: ~8 ops per group of chunks,
-# but two head-major copies of all chunk states and a memory-bound matmul over them). Measured on 2 CPU cores
-# (benchmarks/ops.py, docs/performance.md): "loop" is 15-40% faster for the kernel at L = 4097 under both
-# OpenMP wait policies and level with "scan" inside the student (within ±5% over repeated A/B runs); "scan"
-# issues ~10x fewer ops, which only wins on an oversubscribed CPU where every parallel op can wait
-# milliseconds for a descheduled thread.
-CARRY = "loop"
+def _carry_factored(states, half, initial_state):
+    """The factored paths' chunk states scanned into the states entering each chunk: one op per chunk.
 
+    states: (B, C, *S) state each chunk produces from a zero start, times ``exp(-half)`` (the factored
+        convention: the true state is ``exp(half_c) * states_c``); overwritten when autograd is off;
+    half: (B, C, ...) half of each chunk's total log-decay, broadcastable against one state (B, *S);
+    initial_state: (B, *S).
+    Returns (entering (B, C, *S), final state (B, *S)) with ``entering_c = exp(half_c) * S_c``, S_c the state
+    before chunk c: the factor the output rows of chunk c expect.
 
-def _scan_chunk_states(states, total, half, initial_state, group: int = SCAN_GROUP):
-    """States entering each chunk, as a small lower-triangular matrix product per group of chunks.
-
-    states: (..., C, F) chunk states from a zero start, scaled by ``exp(-half)`` (the factored path's
-        convention: the true state of chunk j is ``exp(half_j) * states_j``);
-    total, half: (..., C) total log-decay of each chunk and its half;
-    initial_state: (..., F).
-    Returns (entering (..., C, F) with entering_c = exp(half_c) * state before chunk c, final state (..., F)).
-    With T the cumulative chunk log-decay inside a group (T_prev = T - total), row c of the matrix has weight
-    exp(half_c + T_prev_c) for the incoming state and exp(half_c + T_prev_c - T_j + half_j) for chunk j < c; a
-    final row gives the state after the group. Every exponent is <= 0.
+    From S_{c+1} = exp(2 half_c) S_c + exp(half_c) states_c follows E_{c+1} = f_c (E_c + states_c) with
+    E_c = exp(half_c) S_c and f_c = exp(half_c + half_{c+1}) <= 1 (no exponent is positive); taking
+    half_C = 0 makes E_C the final state. With the states pre-scaled by f, each step is one ``addcmul`` on a
+    state that stays in cache, instead of three.
     """
-    chunks = states.shape[-2]
-    group = -(-chunks // -(-chunks // group))  # balanced: ceil(C / number of groups)
-    outs, state = [], initial_state
-    for g0 in range(0, chunks, group):
-        g1 = min(chunks, g0 + group)
-        n = g1 - g0
-        tot, hf = total[..., g0:g1], half[..., g0:g1]
-        cum = tot.cumsum(-1)
-        rows = torch.cat([hf + (cum - tot), cum[..., -1:]], -1)  # (..., n+1): entering rows, then the final row
-        cols = hf - cum  # (..., n)
-        later = torch.ones(n + 1, n, dtype=torch.bool, device=states.device).triu()  # chunk j >= row c: no effect
-        weights = (rows[..., :, None] + cols[..., None, :]).masked_fill_(later, float("-inf")).exp_()  # (..., n+1, n)
-        out = weights @ states[..., g0:g1, :]  # (..., n+1, F); the incoming state is added without a concat copy
-        out = out.addcmul_(rows.exp()[..., None], state.unsqueeze(-2))
-        outs.append(out[..., :n, :])
-        state = out[..., n, :]
-    entering = outs[0] if len(outs) == 1 else torch.cat(outs, -2)
-    return entering, state
+    chunks = states.shape[1]
+    following = torch.cat([half[:, 1:], torch.zeros_like(half[:, :1])], 1)
+    f = (half + following).exp()
+    if not _grad_needed(states, half, initial_state):
+        scaled = states.mul_(f)
+        entering = states.new_empty(states.shape)
+        torch.mul(initial_state, half[:, 0].exp(), out=entering[:, 0])
+        for c in range(chunks - 1):
+            torch.addcmul(scaled[:, c], entering[:, c], f[:, c], out=entering[:, c + 1])
+        return entering, torch.addcmul(scaled[:, -1], entering[:, -1], f[:, -1])
+    scaled = states * f
+    out = [initial_state * half[:, 0].exp()]
+    for c in range(chunks):
+        out.append(torch.addcmul(scaled[:, c], out[-1], f[:, c]))
+    return torch.stack(out[:-1], 1), out[-1]
 
 
 def _capturing_graph() -> bool:
@@ -204,25 +178,12 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
     states = states.view(batch, chunks, key_dim, heads, value_dim)
 
     # y_i = exp(cum_i - m) * [sum_j s_ij w_j v_j + exp(m) q_i^T S_entering].
-    if CARRY == "scan":  # head-major small matmuls
-        if initial_state is None:
-            state = states.new_zeros(batch, heads, key_dim * value_dim)
-        else:
-            state = initial_state.to(states.dtype).reshape(batch, heads, key_dim * value_dim)
-        half_h = half.view(batch, chunks, heads).transpose(1, 2)  # (B, H, C)
-        states = states.permute(0, 3, 1, 2, 4).reshape(batch, heads, chunks, key_dim * value_dim)
-        entering, final_state = _scan_chunk_states(states, half_h * 2, half_h, state)
-        entering = entering.view(batch, heads, chunks, key_dim, value_dim).permute(0, 2, 3, 1, 4)
-        final_state = final_state.view(batch, heads, key_dim, value_dim)
-    else:  # loop over chunks in the natural layout
-        ehalf = half.exp().view(batch, chunks, 1, heads, 1)
-        decay = (half * 2).exp().view(batch, chunks, 1, heads, 1)
-        if initial_state is None:
-            state = states.new_zeros(batch, key_dim, heads, value_dim)
-        else:
-            state = initial_state.to(states.dtype).transpose(1, 2)
-        entering, final_state = _carry_states(states, decay, state, state_scale=ehalf, entering_scale=ehalf)
-        final_state = final_state.transpose(1, 2)
+    if initial_state is None:
+        state = states.new_zeros(batch, key_dim, heads, value_dim)
+    else:
+        state = initial_state.to(states.dtype).transpose(1, 2)
+    entering, final_state = _carry_factored(states, half.view(batch, chunks, 1, heads, 1), state)
+    final_state = final_state.transpose(1, 2)
     entering = entering.reshape(bc, key_dim, heads * value_dim)
     for g in range(groups):
         eg = entering if groups == 1 else entering.view(bc, key_dim, groups, rep * value_dim)[:, :, g]
@@ -312,10 +273,9 @@ def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_st
         state = states.new_zeros(batch, heads, key_dim, value_dim)
     else:
         state = initial_state.to(states.dtype)
-    half_k = half.view(batch, chunks, heads, key_dim).permute(0, 2, 3, 1)  # (B, H, N, C)
-    states = states.view(batch, chunks, heads, key_dim, value_dim).permute(0, 2, 3, 1, 4)  # (B, H, N, C, P)
-    entering, final_state = _scan_chunk_states(states, half_k * 2, half_k, state)
-    entering = entering.permute(0, 3, 1, 2, 4).reshape(-1, key_dim, value_dim)
+    states = states.view(batch, chunks, heads, key_dim, value_dim)
+    entering, final_state = _carry_factored(states, half.view(batch, chunks, heads, key_dim, 1), state)
+    entering = entering.view(-1, key_dim, value_dim)
     y = torch.baddbmm(y, q_t, entering) if grad else y.baddbmm_(q_t, entering)
     y = y.view(batch, chunks, heads, chunk_size, value_dim).transpose(2, 3)
     return y.reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length], final_state
