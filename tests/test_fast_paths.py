@@ -231,14 +231,35 @@ def test_meta_device_forward_runs_for_flop_counting():
         assert model(x).shape == (1, 10)
 
 
+@pytest.mark.parametrize("method", ["auto", "exact"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
-def test_no_grad_long_sequences_run_in_segments(per_channel, monkeypatch):
-    monkeypatch.setattr(chunked_mod, "SEGMENT_TOKENS", 40)  # 300 tokens -> 8 segments of 40 (whole chunks of 8)
+def test_no_grad_long_sequences_run_in_segments(per_channel, method, monkeypatch):
+    # 300 tokens, chunks of 8: segments of whole chunks (the kernel writes each straight into the output),
+    # then the 4 tokens left over as a chunk of their own.
+    monkeypatch.setattr(chunked_mod, "SEGMENT_TOKENS", 40)
+    assert chunked_mod._segments(300, 8)[-1] == (296, 300)
     ins = [t.detach() for t in inputs(2, 300, 3, 3 if per_channel else 1, 4, 5, per_channel, seed=9)]
     ref_y, ref_s = linear_recurrence(*ins[:4], initial_state=ins[4], return_final_state=True, impl="naive")
     with torch.no_grad():
-        y, s = chunked_linear_recurrence(*ins[:4], ins[4], True, 8)
+        y, s = chunked_linear_recurrence(*ins[:4], ins[4], True, 8, method=method)
     assert rel_err(ref_y, y) < 1e-10 and rel_err(ref_s, s) < 1e-10
+    with torch.no_grad():  # bf16 inputs: computed in float32, each segment copied into the bf16 output
+        y16, s16 = chunked_linear_recurrence(*[t.bfloat16() for t in ins[:4]], ins[4].float(), True, 8, method=method)
+    assert y16.dtype == torch.bfloat16 and s16.dtype == torch.float32
+    assert rel_err(ref_y.float(), y16.float()) < 2e-2 and rel_err(ref_s.float(), s16) < 2e-2
+
+
+@pytest.mark.parametrize("length,align", [(1, 8), (7, 8), (64, 8), (3000, 64), (4097, 64), (8193, 64), (6000, 128)])
+def test_segments_cover_the_sequence_in_whole_chunks(length, align):
+    pieces = chunked_mod._segments(length, align)
+    assert pieces[0][0] == 0 and pieces[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous, no overlap
+    if len(pieces) > 1:
+        assert all((stop - start) % align == 0 for start, stop in pieces[:-1])
+        assert (pieces[-1][1] - pieces[-1][0]) % align == 0 or pieces[-1][1] - pieces[-1][0] < align
+        assert max(stop - start for start, stop in pieces) <= 1.5 * chunked_mod.SEGMENT_TOKENS + align
+    else:
+        assert length < 1.5 * chunked_mod.SEGMENT_TOKENS
 
 
 @pytest.mark.parametrize("groups,per_channel", [(1, False), (2, False), (4, True)],

@@ -138,11 +138,21 @@ def _per_head_chunks(q, k, v, log_decay, chunk_size):
     return q, k, v, cum, chunks
 
 
-def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True):
+def _scale_rows(y, u, length, grad, out):
+    """y (B, C*Q, H, P) times the row factors u (B, C*Q, H, 1), cut to ``length`` tokens; written into ``out``
+    (B, length, H, P) when given, which saves the caller a copy."""
+    y, u = y[:, :length], u[:, :length]
+    if out is not None:
+        return torch.mul(y, u, out=out)
+    return y * u if grad else y.mul_(u)
+
+
+def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True, out=None):
     """Per-head decay, factored weights; None when a chunk's span is too large (caller falls back to exact).
 
     Returns (y, final state), the state None when ``want_state`` is False and nothing needs carrying (one
-    chunk, no initial state): short training sequences then skip the state GEMM and the chunk scan.
+    chunk, no initial state): short training sequences then skip the state GEMM and the chunk carry.
+    ``out``: optional (B, L, H, P) buffer for y (no autograd).
     """
     batch, length, groups, key_dim = q.shape
     heads, value_dim = v.shape[2], v.shape[3]
@@ -172,8 +182,8 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
             states.append(torch.bmm(kk.transpose(1, 2), vg))  # (BC, N, R*P), times exp(-m) of the true state
     if not carry:
         y = ys[0] if groups == 1 else torch.stack(ys, 2)
-        y = y.view(batch, chunk_size, heads, value_dim)
-        return (y * u.view(batch, chunk_size, heads, 1) if grad else y.mul_(u.view(batch, chunk_size, heads, 1))), None
+        return _scale_rows(y.view(batch, chunk_size, heads, value_dim), u.view(batch, chunk_size, heads, 1),
+                           length, grad, out), None
     states = states[0] if groups == 1 else torch.stack(states, 2)
     states = states.view(batch, chunks, key_dim, heads, value_dim)
 
@@ -189,10 +199,9 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
         eg = entering if groups == 1 else entering.view(bc, key_dim, groups, rep * value_dim)[:, :, g]
         ys[g] = torch.baddbmm(ys[g], qg[:, :, g], eg) if grad else ys[g].baddbmm_(qg[:, :, g], eg)
     y = ys[0] if groups == 1 else torch.stack(ys, 2)
-    y = y.view(batch, chunks, chunk_size, heads, value_dim)
-    y = y * u[..., None] if grad else y.mul_(u[..., None])
-    y = y.view(batch, chunks * chunk_size, heads, value_dim)[:, :length]
-    return y, final_state
+    padded = chunks * chunk_size
+    return _scale_rows(y.view(batch, padded, heads, value_dim), u.view(batch, padded, heads, 1), length, grad,
+                       out), final_state
 
 
 def _per_head_exact(q, k, v, log_decay, initial_state, chunk_size):
@@ -249,7 +258,18 @@ def _head_major(x: torch.Tensor, batch: int, chunks: int, chunk_size: int) -> to
     return x.reshape(batch, chunks, chunk_size, heads, dim).transpose(2, 3).reshape(-1, chunk_size, dim)
 
 
-def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True):
+def _token_major(y, batch, chunks, chunk_size, length, out):
+    """Head-major (B*C*H, Q, P) -> (B, length, H, P); copied into ``out`` when given."""
+    heads, value_dim = y.shape[0] // (batch * chunks), y.shape[-1]
+    y = y.view(batch, chunks, heads, chunk_size, value_dim).transpose(2, 3)
+    if out is not None and length == chunks * chunk_size:  # no padding to cut: one copy, straight into out
+        out.view(batch, chunks, chunk_size, heads, value_dim).copy_(y)
+        return out
+    y = y.reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length]
+    return y if out is None else out.copy_(y)
+
+
+def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True, out=None):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[3]
     grad = _grad_needed(q, k, v, log_decay, initial_state)
@@ -266,7 +286,7 @@ def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_st
     scores = torch.bmm(q_t, k_t.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BCH, Q, Q)
     y = torch.bmm(scores, v)  # (BCH, Q, P)
     if not want_state and chunks == 1 and initial_state is None:  # nothing to carry (see _per_head_factored)
-        return y.view(batch, heads, chunk_size, value_dim).transpose(1, 2), None
+        return _token_major(y, batch, chunks, chunk_size, length, out), None
     states = torch.bmm(k_t.transpose(1, 2), v)  # (BCH, N, P) times exp(-m) per key row
 
     if initial_state is None:
@@ -277,8 +297,7 @@ def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_st
     entering, final_state = _carry_factored(states, half.view(batch, chunks, heads, key_dim, 1), state)
     entering = entering.view(-1, key_dim, value_dim)
     y = torch.baddbmm(y, q_t, entering) if grad else y.baddbmm_(q_t, entering)
-    y = y.view(batch, chunks, heads, chunk_size, value_dim).transpose(2, 3)
-    return y.reshape(batch, chunks * chunk_size, heads, value_dim)[:, :length], final_state
+    return _token_major(y, batch, chunks, chunk_size, length, out), final_state
 
 
 def _per_channel_exact(q, k, v, log_decay, initial_state, chunk_size):
@@ -312,9 +331,9 @@ def _per_channel_exact(q, k, v, log_decay, initial_state, chunk_size):
     return y, final_state
 
 
-def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, want_state=True):
+def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, want_state=True, out=None):
     """One pass of the chunked kernel (inputs already in the accumulation dtype); returns (y, state), the
-    state possibly None when ``want_state`` is False."""
+    state possibly None when ``want_state`` is False. ``out``: optional buffer y is written to (no autograd)."""
     result = None
     length = q.shape[1]
     # The factored method decides from the data (span guard, overflow check); a graph being captured
@@ -328,7 +347,7 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
             q, k = expand_groups(q, heads), expand_groups(k, heads)
         factored = _per_head_factored if per_head else _per_channel_factored
         while True:
-            result = factored(q, k, v, log_decay, initial_state, size, want_state)
+            result = factored(q, k, v, log_decay, initial_state, size, want_state, out)
             if result is not None or size // 2 < MIN_FACTORED_CHUNK:
                 break
             size //= 2  # halves every chunk's decay span; still faster than the exact path
@@ -344,6 +363,8 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
             heads = v.shape[2]  # expand_groups returns q, k unchanged when already expanded above
             result = _per_channel_exact(expand_groups(q, heads), expand_groups(k, heads), v, log_decay,
                                         initial_state, chunk_size or EXACT_CHUNK_SIZE_PER_CHANNEL)
+    if out is not None and result[0] is not out:
+        result = out.copy_(result[0]), result[1]
     return result
 
 
@@ -352,6 +373,19 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
 # that are page-faulted in afresh on every call (on the 2-core benchmark machine a fresh page costs ~3 us:
 # at L=4097 the faults took as long as the arithmetic). See docs/performance.md.
 SEGMENT_TOKENS = 2048
+
+
+def _segments(length: int, align: int) -> list[tuple[int, int]]:
+    """Token ranges for the no-autograd path: one range when the sequence is short; otherwise whole chunks of
+    ``align`` in segments of ~SEGMENT_TOKENS, then the ``length % align`` tokens left over as one short chunk
+    of their own, so that no segment is padded (padding copies every input)."""
+    aligned = length - length % align
+    count = (2 * aligned + SEGMENT_TOKENS) // (2 * SEGMENT_TOKENS) if SEGMENT_TOKENS else 1  # rounded
+    if count <= 1:
+        return [(0, length)]
+    per = -(-(-(-aligned // count)) // align) * align  # ceil(aligned / count), in whole chunks
+    pieces = [(start, min(start + per, aligned)) for start in range(0, aligned, per)]
+    return pieces + ([(aligned, length)] if aligned < length else [])
 
 
 def chunked_linear_recurrence(
@@ -373,16 +407,22 @@ def chunked_linear_recurrence(
     per_head = log_decay.dim() == 3
     length = q.shape[1]
     align = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
-    segments = max(1, (2 * length + SEGMENT_TOKENS) // (2 * SEGMENT_TOKENS)) if SEGMENT_TOKENS else 1  # rounded
-    if segments == 1 or _grad_needed(q, k, v, log_decay, initial_state) or q.device.type == "meta":
+    pieces = [(0, length)]
+    if not _grad_needed(q, k, v, log_decay, initial_state) and q.device.type != "meta":
+        pieces = _segments(length, align)
+    if len(pieces) == 1:
         y, state = _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, return_final_state)
         return y.to(out_dtype), (state.contiguous() if return_final_state else None)
-    seg = -(-(-(-length // segments)) // align) * align  # ceil(L / segments), rounded up to whole chunks
     y = v.new_empty(v.shape, dtype=out_dtype)
     state = initial_state
-    for start in range(0, length, seg):
-        part = slice(start, min(start + seg, length))
-        y_part, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size,
-                                    method, per_head)
-        y[:, part] = y_part
+    for start, stop in pieces:
+        part = slice(start, stop)
+        want_state = return_final_state or stop < length
+        if out_dtype == acc:  # the kernel writes its last pass straight into y
+            _, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size,
+                                   method, per_head, want_state, out=y[:, part])
+        else:
+            y_part, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size,
+                                        method, per_head, want_state)
+            y[:, part] = y_part
     return y, (state.contiguous() if return_final_state else None)
