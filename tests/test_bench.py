@@ -134,11 +134,17 @@ def test_ops_benchmark_and_distill_cost_smoke(tmp_path):
     assert res["times_s"][0] > 0 and 0 <= res["loss"] <= 2
 
 
-def test_alternating_times_reverses_the_order_every_other_round():
+def test_alternating_times_rotates_the_order():
     from vitlinearizer.bench.timing import alternating_times, summarize
     calls = []
     times = alternating_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a-b, b-a, a-b
     assert [len(ts) for ts in times.values()] == [3, 3]
+    calls.clear()
+    alternating_times({name: (lambda n=name: calls.append(n)) for name in "abc"}, repeats=6, warmup=0)
+    rounds = ["".join(calls[i:i + 3]) for i in range(0, 18, 3)]
+    assert rounds == ["abc", "bca", "cab", "cba", "acb", "bac"]  # every position, and both neighbours of each
+    predecessors = {name: {r[r.index(name) - 1] for r in rounds if r.index(name)} for name in "abc"}
+    assert predecessors == {"a": {"b", "c"}, "b": {"a", "c"}, "c": {"a", "b"}}
     summary = summarize({"x": [3.0, 1.0, 2.0]})
     assert summary == {"x": dict(min_s=1.0, median_s=2.0, n=3)}

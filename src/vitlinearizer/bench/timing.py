@@ -1,7 +1,10 @@
 """Wall-clock timing of several implementations against each other, for the scripts in ``benchmarks/``.
 
-Repetitions alternate between the implementations (and reverse their order every other round), so a slow
-phase of a shared machine hits all of them alike; ratios taken from one call are then comparable.
+Repetitions alternate between the implementations, so a slow phase of a shared machine hits all of them alike;
+ratios taken from one call are then comparable. The order rotates every round (and, for more than two, runs
+backwards every other cycle of rounds), so that no implementation always runs next to the same one: a call
+that frees a lot of memory can make the next one page-fault its buffers afresh, which a fixed order would
+charge to one neighbour in every round.
 """
 from __future__ import annotations
 
@@ -25,9 +28,13 @@ def alternating_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
+        items = list(fns.items())
         for rep in range(repeats):
-            order = list(fns.items())
-            for name, fn in (order if rep % 2 == 0 else order[::-1]):
+            shift = rep % len(items)
+            order = items[shift:] + items[:shift]
+            if len(items) > 2 and (rep // len(items)) % 2:
+                order.reverse()
+            for name, fn in order:
                 synchronize(device)
                 start = time.perf_counter()
                 fn()
