@@ -275,13 +275,17 @@ def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_st
     grad = _grad_needed(q, k, v, log_decay, initial_state)
     q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
     chunks = q.shape[1] // chunk_size
-    q, k, v, cum = (_head_major(t, batch, chunks, chunk_size) for t in (q, k, v, log_decay))  # (BCH, Q, D)
-    cum = cum.cumsum(1)
-    half = cum[:, -1:] * 0.5  # (BCH, 1, N)
+    # Head-major (B, C, H, Q, D) views; the ops below write contiguous results from them, so the layout change
+    # of q, k and the log-decays costs no copy of its own (only v is copied).
+    q, k, log_decay = (t.view(batch, chunks, chunk_size, heads, key_dim).transpose(2, 3) for t in (q, k, log_decay))
+    v = _head_major(v, batch, chunks, chunk_size)  # (BCH, Q, P)
+    cum = log_decay.cumsum(3)  # contiguous (B, C, H, Q, N)
+    half = cum[..., -1:, :] * 0.5  # (B, C, H, 1, N)
     if _max_span(half) * 2 > MAX_FACTORED_SPAN:
         return None
-    q_t = q * (cum - half).exp()  # q_i * exp(cum_i - m), per key channel
-    k_t = k * (half - cum).exp()  # k_j * exp(m - cum_j)
+    up, down = (cum - half).exp(), (half - cum).exp()  # exp(cum_i - m) for the queries, exp(m - cum_j) for the keys
+    q_t = (up * q if grad else up.mul_(q)).view(-1, chunk_size, key_dim)  # the result takes up's contiguous layout
+    k_t = (down * k if grad else down.mul_(k)).view(-1, chunk_size, key_dim)
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).triu(1)
     scores = torch.bmm(q_t, k_t.transpose(1, 2)).masked_fill_(upper, 0.0)  # (BCH, Q, Q)
     y = torch.bmm(scores, v)  # (BCH, Q, P)
@@ -294,7 +298,7 @@ def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_st
     else:
         state = initial_state.to(states.dtype)
     states = states.view(batch, chunks, heads, key_dim, value_dim)
-    entering, final_state = _carry_factored(states, half.view(batch, chunks, heads, key_dim, 1), state)
+    entering, final_state = _carry_factored(states, half.transpose(3, 4), state)
     entering = entering.view(-1, key_dim, value_dim)
     y = torch.baddbmm(y, q_t, entering) if grad else y.baddbmm_(q_t, entering)
     return _token_major(y, batch, chunks, chunk_size, length, out), final_state
