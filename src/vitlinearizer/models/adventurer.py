@@ -69,11 +69,12 @@ def _swiglu(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.fc2(gate.mul_(mlp.fc1_x(x)))
 
 
-# Target tokens per slab of the streaming inference path (see AdventurerBlock), measured with
-# benchmarks/block_parts.py on 2 CPU cores (docs/performance.md): slabs bound the temporaries (and so peak
-# memory and the page faults of fresh multi-MB allocations), but every slab costs ~60 more ops, and on a
-# CPU shared with other processes each parallel op can wait for a descheduled thread; so slabs are large.
-STREAM_SLAB_TOKENS = 2048
+# Target tokens per slab of the streaming inference path (see AdventurerBlock): slabs bound the temporaries
+# (and so peak memory, cache misses and the page faults of fresh multi-MB allocations), but every slab costs
+# ~60 more ops. Measured on 2 CPU cores (4-block Adventurer-S at width 384, alternating; docs/performance.md):
+# 1536 beats 2048 by 20% at 768² (two slabs instead of one) and by ~5% at 1024² and 2048²; 1024 is level
+# with 1536 at 768² and 1024² and 7% slower at 2048².
+STREAM_SLAB_TOKENS = 1536
 SLAB_ALIGN = 64  # slabs are whole chunks of the recurrence kernel
 
 
