@@ -337,9 +337,11 @@ def _per_channel_exact(q, k, v, log_decay, initial_state, chunk_size):
 
 def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, want_state=True, out=None):
     """One pass of the chunked kernel (inputs already in the accumulation dtype); returns (y, state), the
-    state possibly None when ``want_state`` is False. ``out``: optional buffer y is written to (no autograd)."""
+    state possibly None when ``want_state`` is False. ``out``: optional buffer y is written to (no autograd); the
+    factored kernels write their last pass straight into it when it has the accumulation dtype."""
     result = None
     length = q.shape[1]
+    direct = out if out is not None and out.dtype == q.dtype else None
     # The factored method decides from the data (span guard, overflow check); a graph being captured
     # (torch.compile, torch.export, tracing) cannot branch on data, so it gets the exact method, which is safe
     # for every input.
@@ -351,7 +353,7 @@ def _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head,
             q, k = expand_groups(q, heads), expand_groups(k, heads)
         factored = _per_head_factored if per_head else _per_channel_factored
         while True:
-            result = factored(q, k, v, log_decay, initial_state, size, want_state, out)
+            result = factored(q, k, v, log_decay, initial_state, size, want_state, direct)
             if result is not None or size // 2 < MIN_FACTORED_CHUNK:
                 break
             size //= 2  # halves every chunk's decay span; still faster than the exact path
@@ -421,12 +423,6 @@ def chunked_linear_recurrence(
     state = initial_state
     for start, stop in pieces:
         part = slice(start, stop)
-        want_state = return_final_state or stop < length
-        if out_dtype == acc:  # the kernel writes its last pass straight into y
-            _, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size,
-                                   method, per_head, want_state, out=y[:, part])
-        else:
-            y_part, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size,
-                                        method, per_head, want_state)
-            y[:, part] = y_part
+        _, state = _recurrence(q[:, part], k[:, part], v[:, part], log_decay[:, part], state, chunk_size, method,
+                               per_head, want_state=return_final_state or stop < length, out=y[:, part])
     return y, (state.contiguous() if return_final_state else None)
