@@ -6,10 +6,11 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from mixer_cases import MIXER_CASES
 
 import vitlinearizer  # noqa: F401
 from vitlinearizer.models.adventurer import AdventurerBlock
-from vitlinearizer.models.mixers import MIXERS, GatedRMSNorm, causal_depthwise_conv, create_mixer
+from vitlinearizer.models.mixers import GatedRMSNorm, causal_depthwise_conv, create_mixer
 from vitlinearizer.ops import chunked as chunked_mod
 from vitlinearizer.ops import linear_recurrence
 from vitlinearizer.ops.chunked import chunked_linear_recurrence
@@ -135,13 +136,11 @@ def test_token_major_conv_matches_conv1d_and_carries_segments(length):
     torch.testing.assert_close(causal_depthwise_conv(tail, conv.weight[:, 0], conv.bias, head[:, -3:]), ref[:, 7:])
 
 
-CONFIGS = {"mamba2": dict(d_state=16, head_dim=16), "gla": dict(num_heads=2), "hgrn": dict()}
-
-
-@pytest.mark.parametrize("name", list(MIXERS))
-def test_mixer_scan_segments_equal_forward_and_continue_with_step(name):
+@pytest.mark.parametrize("case", list(MIXER_CASES))
+def test_mixer_scan_segments_equal_forward_and_continue_with_step(case):
+    name, kwargs = MIXER_CASES[case]
     torch.manual_seed(0)
-    mixer = create_mixer(name, 32, **CONFIGS[name], chunk_size=8).double().eval()
+    mixer = create_mixer(name, 32, **kwargs, chunk_size=8).double().eval()
     x = torch.randn(2, 41, 32, dtype=torch.float64)
     ref = mixer(x)
     with torch.no_grad():
@@ -170,12 +169,13 @@ def test_gated_rmsnorm_leaves_z_alone_unless_told():
         torch.testing.assert_close(norm(y, z, overwrite_z=True), ref)
 
 
-@pytest.mark.parametrize("mixer", list(MIXERS))
+@pytest.mark.parametrize("case", list(MIXER_CASES))
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("slab", [0, 4, 16, 41])
-def test_streaming_block_equals_parallel_block(mixer, flip, slab):
+def test_streaming_block_equals_parallel_block(case, flip, slab):
+    mixer, kwargs = MIXER_CASES[case]
     torch.manual_seed(0)
-    block = AdventurerBlock(32, mixer=mixer, mixer_kwargs=CONFIGS[mixer], flip=flip).double().eval()
+    block = AdventurerBlock(32, mixer=mixer, mixer_kwargs=kwargs, flip=flip).double().eval()
     x = torch.randn(2, 40, 32, dtype=torch.float64)
     ref = block(x)  # autograd on: the parallel reference path
     block.stream_slab_tokens = slab

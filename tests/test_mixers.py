@@ -2,21 +2,17 @@
 import pytest
 import torch
 
-from vitlinearizer.models.mixers import MIXERS, GatedRMSNorm, create_mixer
+from mixer_cases import MIXER_CASES
 
-CONFIGS = {
-    "mamba2": dict(d_state=16, head_dim=16),
-    "gla": dict(num_heads=2),
-    "hgrn": dict(),
-}
+from vitlinearizer.models.mixers import GatedRMSNorm, ShortConv, create_mixer
 
-
-def build(name, dim=32, **overrides):
+def build(case, dim=32, **overrides):
+    name, kwargs = MIXER_CASES[case]
     torch.manual_seed(0)
-    return create_mixer(name, dim, **{**CONFIGS[name], **overrides}).double().eval()
+    return create_mixer(name, dim, **{**kwargs, **overrides}).double().eval()
 
 
-@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("name", list(MIXER_CASES))
 @pytest.mark.parametrize("length", [1, 5, 37])
 def test_step_loop_equals_forward(name, length):
     mixer = build(name)
@@ -29,7 +25,7 @@ def test_step_loop_equals_forward(name, length):
     torch.testing.assert_close(torch.stack(steps, 1), y, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("name", list(MIXER_CASES))
 def test_mixer_is_causal(name):
     mixer = build(name)
     x = torch.randn(1, 20, 32, dtype=torch.float64)
@@ -40,7 +36,7 @@ def test_mixer_is_causal(name):
     assert not torch.allclose(y[:, 12:], y2[:, 12:])
 
 
-@pytest.mark.parametrize("name", list(MIXERS))
+@pytest.mark.parametrize("name", list(MIXER_CASES))
 def test_chunked_and_naive_mixers_agree_with_gradients(name):
     fast, ref = build(name, impl="chunked", chunk_size=8), build(name, impl="naive")
     x = torch.randn(2, 29, 32, dtype=torch.float64, requires_grad=True)
@@ -91,8 +87,31 @@ def test_gated_rmsnorm_normalises_gated_input():
     torch.testing.assert_close(norm(y, z), expected)
 
 
+@pytest.mark.parametrize("activation", [True, False])
+def test_short_conv_is_a_causal_conv1d_and_steps_from_its_window(activation):
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4, activation=activation).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    ref = conv.conv1d(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    ref = torch.nn.functional.silu(ref) if activation else ref
+    y, window = conv(x, want_state=True)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(window, x[:, -3:])
+    head, short = conv(x[:, :2], want_state=True)  # a segment shorter than the window: zeros fill the rest
+    torch.testing.assert_close(short, torch.cat([x.new_zeros(2, 1, 6), x[:, :2]], 1))
+    rest, _ = conv(x[:, 2:], prev=short)
+    torch.testing.assert_close(torch.cat([head, rest], 1), ref)
+    state, steps = None, []
+    for t in range(9):
+        y_t, state = conv.step(x[:, t], state)
+        steps.append(y_t)
+    torch.testing.assert_close(torch.stack(steps, 1), ref)
+
+
 def test_bad_mixer_arguments():
     with pytest.raises(ValueError, match="unknown mixer 'mamba'.*mamba2, gla, hgrn"):
         create_mixer("mamba", 32)
     with pytest.raises(ValueError, match="multiple of head_dim"):
         create_mixer("mamba2", 40, head_dim=64)
+    with pytest.raises(ValueError, match="width must be at least 2 .got 1.*conv_size=0"):
+        create_mixer("gla", 32, conv_size=1)
