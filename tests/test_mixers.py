@@ -108,6 +108,20 @@ def test_short_conv_is_a_causal_conv1d_and_steps_from_its_window(activation):
     torch.testing.assert_close(torch.stack(steps, 1), ref)
 
 
+@pytest.mark.parametrize("name", ["gla", "hgrn"])
+def test_checkpoint_without_the_short_conv_loads_as_that_layer(name):
+    plain = build(f"{name}-noconv")
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    mixer = build(name)
+    mixer.load_state_dict(plain.state_dict())  # strict
+    assert mixer.conv is None
+    torch.testing.assert_close(mixer(x), plain(x))
+    y, state = mixer.scan(x)
+    assert isinstance(state, torch.Tensor)  # the conv-less state format
+    with pytest.raises(RuntimeError, match="conv.conv1d.weight"):  # a conv checkpoint still needs its conv
+        plain.load_state_dict(build(name).state_dict())
+
+
 def test_bad_mixer_arguments():
     with pytest.raises(ValueError, match="unknown mixer 'mamba'.*mamba2, gla, hgrn"):
         create_mixer("mamba", 32)

@@ -263,6 +263,13 @@ class _OptionalConvState:
     def _join_state(self, conv_state, state):
         return (conv_state, state) if self.conv is not None else state
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint of the layer without its conv (written before the conv became the default, or built with
+        # conv_size=0) loads as that layer. Parents load before children, so the conv is gone before its turn.
+        if self.conv is not None and not any(key.startswith(prefix + "conv.") for key in state_dict):
+            self.conv = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 class GLAMixer(_OptionalConvState, nn.Module):
     """Gated linear attention: per-key-channel data-dependent decay from a low-rank gate, gated RMSNorm output.
