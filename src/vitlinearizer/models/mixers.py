@@ -249,9 +249,11 @@ class Mamba2Mixer(nn.Module):
         return self._output(y, xs, z), (window[..., 1:], ssm_state)
 
 
-class _OptionalConvState:
-    """State of a mixer with an optional :class:`ShortConv` (``self.conv``): the recurrence state alone without
-    a conv (the format of a mixer built without one), the pair (conv window, recurrence state) with one."""
+class _ShortConvMixin:
+    """For a mixer with an optional :class:`ShortConv` ``self.conv`` in front of its recurrence.
+
+    Its state is the recurrence state alone without a conv, and the pair (conv window, recurrence state) with one.
+    """
 
     conv: ShortConv | None
 
@@ -263,6 +265,15 @@ class _OptionalConvState:
     def _join_state(self, conv_state, state):
         return (conv_state, state) if self.conv is not None else state
 
+    def _convolve(self, parts: list[torch.Tensor], conv_state, step: bool, want_state: bool):
+        """The short conv over the channels of ``parts`` together (one op); returns (parts, conv window)."""
+        if self.conv is None:
+            return parts, conv_state
+        joined = torch.cat(parts, dim=-1)
+        joined, conv_state = (self.conv.step(joined, conv_state) if step
+                              else self.conv(joined, conv_state, want_state=want_state))
+        return joined.split([part.shape[-1] for part in parts], dim=-1), conv_state
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of the layer without its conv (written before the conv became the default, or built with
         # conv_size=0) loads as that layer. Parents load before children, so the conv is gone before its turn.
@@ -271,7 +282,7 @@ class _OptionalConvState:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class GLAMixer(_OptionalConvState, nn.Module):
+class GLAMixer(_ShortConvMixin, nn.Module):
     """Gated linear attention: per-key-channel data-dependent decay from a low-rank gate, gated RMSNorm output.
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T with g_t = logsigmoid(W2 W1 x_t) / gate_normalizer, y_t = S_t^T q_t.
@@ -315,12 +326,8 @@ class GLAMixer(_OptionalConvState, nn.Module):
 
     def _inputs(self, x: torch.Tensor, conv_state=None, step: bool = False, want_state: bool = False):
         lead = x.shape[:-1]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.conv is not None:
-            qkv = torch.cat([q, k, v], dim=-1)
-            qkv, conv_state = (self.conv.step(qkv, conv_state) if step
-                               else self.conv(qkv, conv_state, want_state=want_state))
-            q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        (q, k, v), conv_state = self._convolve([self.q_proj(x), self.k_proj(x), self.v_proj(x)], conv_state,
+                                               step, want_state)
         heads = (self.num_heads, self.head_k)
         q = q.reshape(*lead, *heads) * self.head_k**-0.5  # the kernel takes unscaled q
         k = k.reshape(*lead, *heads)
@@ -349,7 +356,7 @@ class GLAMixer(_OptionalConvState, nn.Module):
         return self.o_proj(self.norm(y.flatten(-2), self.g_proj(x_t))), self._join_state(conv_state, state)
 
 
-class HGRNMixer(_OptionalConvState, nn.Module):
+class HGRNMixer(_ShortConvMixin, nn.Module):
     """HGRN: element-wise gated recurrence h_t = f_t * h_{t-1} + (1 - f_t) * SiLU(W_i x_t), output-gated.
 
     Each channel is its own head with a 1x1 state (N = P = 1), so the shared per-head-decay kernel runs it.
@@ -370,12 +377,7 @@ class HGRNMixer(_OptionalConvState, nn.Module):
         self.conv = ShortConv(2 * self.inner, conv_size, activation=False) if conv_size else None
 
     def _inputs(self, x: torch.Tensor, conv_state=None, step: bool = False, want_state: bool = False):
-        i, f_logit = self.i_proj(x), self.f_proj(x)
-        if self.conv is not None:
-            both = torch.cat([i, f_logit], dim=-1)
-            both, conv_state = (self.conv.step(both, conv_state) if step
-                                else self.conv(both, conv_state, want_state=want_state))
-            i, f_logit = both.chunk(2, dim=-1)
+        (i, f_logit), conv_state = self._convolve([self.i_proj(x), self.f_proj(x)], conv_state, step, want_state)
         f_logit = _at_least_float32(f_logit)
         log_forget = F.logsigmoid(f_logit)  # (..., C)
         update = F.silu(i) * torch.sigmoid(-f_logit).to(x.dtype)  # (1 - f) * i
