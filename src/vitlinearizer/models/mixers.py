@@ -218,7 +218,7 @@ class Mamba2Mixer(nn.Module):
         prev = None if conv_state is None else conv_state.transpose(1, 2)  # (B, d_conv-1, C)
         width = self.d_conv - 1
         if want_state:  # the last d_conv-1 conv inputs, read before anything is overwritten
-            tail = xbc[:, -width:]
+            tail = xbc[:, max(xbc.shape[1] - width, 0):]  # not xbc[:, -width:]: width is 0 for d_conv=1
             if tail.shape[1] < width:
                 before = prev.to(xbc.dtype) if prev is not None else xbc.new_zeros(xbc.shape[0], width, xbc.shape[2])
                 tail = torch.cat([before, tail], 1)[:, -width:]
