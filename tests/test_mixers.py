@@ -120,6 +120,9 @@ def test_checkpoint_without_the_short_conv_loads_as_that_layer(name):
     assert isinstance(state, torch.Tensor)  # the conv-less state format
     with pytest.raises(RuntimeError, match="conv.conv1d.weight"):  # a conv checkpoint still needs its conv
         plain.load_state_dict(build(name).state_dict())
+    other = build(name)
+    other.load_state_dict({}, strict=False)  # a partial load that does not reach this layer keeps the conv
+    assert other.conv is not None
 
 
 def test_bad_mixer_arguments():

@@ -75,9 +75,9 @@ class ShortConv(nn.Module):
         self.conv1d = nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None, want_state: bool = False):
-        """x (B, T, C), ``prev`` (B, width-1, C) or None (zeros). Returns (SiLU(conv(x)), window or None)."""
+        """x (B, T, C), ``prev`` (B, width-1, C) or None (zeros). Returns (output, the last width-1 inputs or None)."""
         window = None
-        if want_state:  # read before the conv's output could alias anything
+        if want_state:
             before = prev if prev is not None else x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
             window = torch.cat([before.to(x.dtype), x], 1)[:, -(self.width - 1):]
         y = causal_depthwise_conv(x, self.conv1d.weight[:, 0], None, prev)
@@ -277,7 +277,9 @@ class _ShortConvMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint of the layer without its conv (written before the conv became the default, or built with
         # conv_size=0) loads as that layer. Parents load before children, so the conv is gone before its turn.
-        if self.conv is not None and not any(key.startswith(prefix + "conv.") for key in state_dict):
+        # A state dict without this layer at all (a partial, non-strict load) leaves it alone.
+        mine = [key for key in state_dict if key.startswith(prefix)]
+        if self.conv is not None and mine and not any(key.startswith(prefix + "conv.") for key in mine):
             self.conv = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
