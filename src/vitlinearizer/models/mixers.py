@@ -79,7 +79,8 @@ class ShortConv(nn.Module):
         window = None
         if want_state:
             before = prev if prev is not None else x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
-            window = torch.cat([before.to(x.dtype), x], 1)[:, -(self.width - 1):]
+            keep = self.width - 1  # only the tail of x is copied, not the whole segment
+            window = torch.cat([before.to(x.dtype), x[:, max(x.shape[1] - keep, 0):]], 1)[:, -keep:]
         y = causal_depthwise_conv(x, self.conv1d.weight[:, 0], None, prev)
         return (F.silu(y, inplace=_inplace_ok()) if self.activation else y), window
 
