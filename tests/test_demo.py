@@ -55,6 +55,45 @@ def test_an_option_added_later_counts_as_unchanged_while_it_has_its_default(tmp_
         demo_module._check_same_config("scratch", tmp_path, values)
 
 
+def _export_gla_student(path, **mixer_kwargs):
+    import timm
+    from vitlinearizer.checkpoint import export_model
+    model = timm.create_model("adventurer_nano_patch4_28", num_classes=10, mixer="gla", use_mask_token=True,
+                              mixer_kwargs=mixer_kwargs)
+    meta = dict(kind="distilled-student", model="adventurer_nano_patch4_28", model_kwargs={"mixer": "gla"},
+                num_classes=10, img_size=[28, 28])
+    return export_model(model, path, meta)
+
+
+def test_architecture_changes_name_what_the_library_builds_differently(tmp_path):
+    today = _export_gla_student(tmp_path / "today.safetensors")
+    assert demo_module.runner.architecture_changes(today) == []  # its mask token does not count
+    # A GLA student from before the short convolution became the default: it still loads, as that older layer.
+    older = _export_gla_student(tmp_path / "older.safetensors", conv_size=0)
+    changes = demo_module.runner.architecture_changes(older)
+    assert changes and all(c.endswith(": new") and ".conv." in c for c in changes), changes
+    assert any(c.startswith("blocks.0.mixer.") for c in changes)
+
+
+def test_a_finished_stage_from_another_architecture_is_not_reused(tmp_path):
+    stage_dir = tmp_path / "distill-both-gla-s0"
+    stage_dir.mkdir()
+    _export_gla_student(stage_dir / "student.safetensors", conv_size=0)
+    # The summary names the file where the stage wrote it, which may be another working directory.
+    summary = dict(complete=True, exported=str(tmp_path / "elsewhere" / "student.safetensors"))
+    (stage_dir / "summary.json").write_text(json.dumps(summary))
+    values = demo_module._base_config(demo_module.PRESETS["tiny"], None, "cpu")
+
+    def must_not_run(cfg, resume):
+        raise AssertionError("the stage must be refused, not retrained")
+    with pytest.raises(demo_module.DemoConfigMismatch, match=r"built this model differently .*conv.*--fresh"):
+        demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [])
+    _export_gla_student(stage_dir / "student.safetensors")
+    log = []
+    assert demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, log) == summary
+    assert log[0]["reused"]
+
+
 def demo(run_dir, *extra):
     cmd = [sys.executable, "-m", "vitlinearizer", "demo", "--preset", "tiny", "--output-dir", str(run_dir), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

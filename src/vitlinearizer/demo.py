@@ -245,6 +245,16 @@ def _check_same_config(name: str, stage_dir: Path, values: dict) -> None:
             f"Run with --fresh to start over, or give another --output-dir.")
 
 
+def _check_same_architecture(name: str, exported: Path) -> None:
+    """A finished stage is reused only when its model is what the library builds today for the same configuration."""
+    changes = runner.architecture_changes(exported)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise DemoConfigMismatch(
+            f"stage {name!r}: {exported} was trained by a version of the library that built this model differently "
+            f"({shown}). Run with --fresh to start over, or give another --output-dir.")
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -268,6 +278,8 @@ def _stage(name: str, run_dir: Path, values: dict, fn, log: list[dict]) -> dict:
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         if summary.get("complete"):
+            if summary.get("exported"):
+                _check_same_architecture(name, stage_dir / Path(summary["exported"]).name)
             print(f"[demo] {name}: finished earlier, reusing {stage_dir}")
             log.append(dict(stage=name, reused=True, wall_s=summary.get("wall_time_s", 0.0)))
             return summary

@@ -12,6 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
+import safetensors
 import timm
 import torch
 import torch.nn as nn
@@ -81,6 +82,30 @@ def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict
     # What timm.data.resolve_data_config(model=model) reads: the file's preprocessing, not the registry's.
     update_pretrained_cfg(model, **pretrained_cfg_overlay(path, meta))
     return model.to(device).eval(), meta
+
+
+def architecture_changes(path: str | Path) -> list[str]:
+    """How the tensors of an exported model differ (names, shapes) from what this version of the library builds
+    for the file's own description; empty when they agree.
+
+    A file from before an architecture change still loads (layers keep old checkpoints loadable, e.g. a GLA
+    student without the short convolution loads as that layer), so only this check tells a caller that reusing it
+    would mix two architectures. The mask token is left out: a distilled student carries one, its export
+    description does not ask for one.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        model = timm.create_model(meta["model"], num_classes=meta["num_classes"], img_size=tuple(meta["img_size"]),
+                                  **meta["model_kwargs"])
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "mask_token"}
+    with safetensors.safe_open(str(path), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k != "mask_token"}
+    changes = [f"{k}: not built any more" for k in sorted(stored.keys() - built.keys())]
+    changes += [f"{k}: new" for k in sorted(built.keys() - stored.keys())]
+    changes += [f"{k}: shape {stored[k]} -> {built[k]}" for k in sorted(stored.keys() & built.keys())
+                if stored[k] != built[k]]
+    return changes
 
 
 def _seed_initialisation(cfg: RunConfig) -> None:
