@@ -170,6 +170,24 @@ def test_torch_export_captures_the_whole_model(mixer):
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_global_pool_options_follow_timm():
+    x = torch.randn(2, 3, 28, 32)
+    model = timm.create_model("adventurer_nano_patch4_28", num_classes=0).eval()
+    tokens = model.forward_features(x)  # (B, 7*8 patches + the class token last, C)
+    assert tokens.shape == (2, 57, model.embed_dim)
+    torch.testing.assert_close(model(x), tokens[:, -1])
+    model.reset_classifier(0, "avg")
+    torch.testing.assert_close(model(x), tokens[:, :-1].mean(1))
+    model.reset_classifier(5, "")  # no pooling: the head classifies every token (timm's convention)
+    assert model(x).shape == (2, 57, 5)
+    torch.testing.assert_close(model(x), model.head(tokens))
+    assert timm.create_model("adventurer_nano_patch4_28", num_classes=0, global_pool="")(x).shape == (2, 57, 128)
+    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', ''.*got 'max'"):
+        timm.create_model("adventurer_nano_patch4_28", global_pool="max")
+    with pytest.raises(ValueError, match=r"got 'map'"):
+        model.reset_classifier(3, "map")
+
+
 def test_bad_inputs_raise_clear_errors():
     model = timm.create_model("adventurer_nano_patch4_28")
     with pytest.raises(ValueError, match=r"30x28 is not a multiple of the patch size 4x4.*e\.g\. 28x28|32x28"):

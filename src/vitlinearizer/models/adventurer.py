@@ -191,6 +191,16 @@ class AdventurerBlock(nn.Module):
         return out
 
 
+GLOBAL_POOLS = ("token", "avg", "")  # timm's names: the class token, the mean of the patch tokens, none
+
+
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {', '.join(map(repr, GLOBAL_POOLS))} "
+                         f"('' keeps every token, class token last), got {global_pool!r}")
+    return global_pool
+
+
 class Adventurer(nn.Module):
     """Isotropic causal vision model: patch embed, class token appended LAST, blocks, RMSNorm, class-token head."""
 
@@ -220,9 +230,7 @@ class Adventurer(nn.Module):
             raise TypeError(f"Adventurer got unexpected arguments: {', '.join(sorted(kwargs))}")
         if mixer not in MIXERS:
             raise ValueError(f"unknown mixer {mixer!r}; choose one of {', '.join(MIXERS)}")
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_classes, self.global_pool = num_classes, _check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1  # the class token (stored last; timm's name kept for tooling)
         self.mixer_name = mixer
@@ -282,9 +290,7 @@ class Adventurer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
+            self.global_pool = _check_global_pool(global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size=None) -> None:
@@ -375,7 +381,10 @@ class Adventurer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x[:, :-1].mean(dim=1) if self.global_pool == "avg" else x[:, -1]
+        if self.global_pool == "avg":
+            x = x[:, :-1].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, -1]
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
