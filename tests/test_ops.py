@@ -114,6 +114,35 @@ def test_chunked_finite_for_long_strongly_decaying_sequences(per_channel):
     assert rel_err(y_tail[:, -100:], y[:, -100:]) < 1e-4
 
 
+@pytest.mark.parametrize("method", ["auto", "exact"])
+@pytest.mark.parametrize("reset", [-math.inf, -1e4, -1e30])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_chunked_resets_match_naive(per_channel, reset, method):
+    # A log-decay of -inf (or one so strong that its exp is 0) resets the state, e.g. between packed sequences.
+    # Within-chunk cumulative sums would turn it into NaN (-inf - -inf) or wipe out the precision of every later
+    # token of its chunk.
+    inputs = make_inputs(2, 70, 2, 8, 4, per_channel, dtype=torch.float32, seed=11, with_state=True)
+    with torch.no_grad():
+        inputs[3][0, 5] = reset  # inside the first chunk
+        inputs[3][1, 40] = reset  # the last token but one of a chunk of 16
+    q, k, v, a, state = inputs
+    y_ref, s_ref = linear_recurrence(q, k, v, a, initial_state=state, return_final_state=True, impl="naive")
+    y, s = chunked.chunked_linear_recurrence(q, k, v, a, state, return_final_state=True, chunk_size=16,
+                                             method=method)
+    assert rel_err(y_ref, y) < 1e-5 and rel_err(s_ref, s) < 1e-5
+    gen = torch.Generator().manual_seed(0)
+    dy, ds = torch.randn(y.shape, generator=gen), torch.randn(s.shape, generator=gen)
+    grads = torch.autograd.grad((y * dy).sum() + (s * ds).sum(), inputs)
+    ref = torch.autograd.grad((y_ref * dy).sum() + (s_ref * ds).sum(), inputs)
+    for name, g, r in zip(NAMES, grads, ref):
+        assert torch.isfinite(g).all() and rel_err(r, g) < 1e-5, name
+    # Nothing before a reset reaches the tokens after it: the first sequence's output from token 5 on does not
+    # depend on the initial state.
+    y_fresh = chunked.chunked_linear_recurrence(*[t.detach() for t in inputs[:4]], None, chunk_size=16,
+                                                method=method)[0]
+    torch.testing.assert_close(y_fresh[0, 5:], y[0, 5:].detach())
+
+
 @pytest.mark.parametrize("want_state", [False, True], ids=["output_only", "with_state"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
 def test_chunked_gradients_finite_near_the_factored_span_limit(per_channel, want_state):

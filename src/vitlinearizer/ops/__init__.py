@@ -49,7 +49,7 @@ def linear_recurrence(
             as Mamba-2's B and C with ``ngroups=1``).
         v: (B, L, H, P) values.
         log_decay: (B, L, H) per-head decay (Mamba-2 / SSD) or (B, L, H, N) per-key-channel decay (GLA);
-            values must be <= 0.
+            values must be <= 0; -inf (a decay of 0) resets the state, e.g. between packed sequences.
         initial_state: optional (B, H, N, P) state before the first token.
         return_final_state: also return the (B, H, N, P) state after the last token (float32).
         impl: one of ``IMPLEMENTATIONS``.

@@ -47,6 +47,12 @@ MAX_FACTORED_SPAN = 100.0
 # 0.1: up to 1.6 per token) a 128-token chunk exceeds the limit in most layers, a 64-token one in a few, and the
 # factored path at Q=32 is still as fast as the exact one at Q=64 (benchmarks/ops.py).
 MIN_FACTORED_CHUNK = 32
+# Per-token log-decays below this are clamped to it. Its exp (~1e-48) is zero to float32 and negligible next to
+# any float64 state, so a decay this strong is a reset of the state, as -inf (a decay of exactly 0, e.g. at the
+# boundary of two packed sequences) or -1e4 is. Unclamped, the within-chunk cumulative sums would turn -inf into
+# NaN (-inf - -inf) and a huge finite value into lost precision for every later token of the chunk (the
+# differences of large sums), while the naive and step paths handle both.
+LOG_DECAY_FLOOR = -110.0
 METHODS = ("auto", "exact", "factored")
 
 
@@ -409,7 +415,8 @@ def chunked_linear_recurrence(
         raise ValueError(f"chunked_linear_recurrence: method must be one of {', '.join(METHODS)}, got {method!r}")
     out_dtype = v.dtype
     acc = accumulation_dtype(q.dtype)
-    q, k, v, log_decay = (t.to(acc) for t in (q, k, v, log_decay))
+    q, k, v = (t.to(acc) for t in (q, k, v))
+    log_decay = log_decay.to(acc).clamp(min=LOG_DECAY_FLOOR)
     per_head = log_decay.dim() == 3
     length = q.shape[1]
     align = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)

@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from ._validate import expand_groups
+from .chunked import LOG_DECAY_FLOOR  # fla's kernels also take within-chunk cumulative sums
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,6 +47,6 @@ def fla_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_s
         initial_state = initial_state.float()
     kernel = chunk_simple_gla if log_decay.dim() == 3 else chunk_gla
     y, state = kernel(
-        q, k, v, g=log_decay.float(), scale=1.0, initial_state=initial_state, output_final_state=return_final_state
+        q, k, v, g=log_decay.float().clamp(min=LOG_DECAY_FLOOR), scale=1.0, initial_state=initial_state, output_final_state=return_final_state
     )
     return y, state
