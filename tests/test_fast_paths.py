@@ -223,6 +223,24 @@ def test_bf16_streaming_forward_is_close_to_float32():
     assert out.dtype == torch.bfloat16 and rel_err(ref, out.float()) < 0.1
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "hgrn"])
+def test_autocast_streaming_forward_matches_the_parallel_form(mixer):
+    # Under autocast the mixers and MLPs return bf16 while the residual stream stays float32, in both forms;
+    # the streaming form used to keep its residual in bf16 and failed to write a flipped block's rows back.
+    model = timm.create_model("adventurer_nano_patch4_28", mixer=mixer).eval()
+    for block in model.blocks:
+        block.stream_slab_tokens = 32  # several slabs
+    x = torch.randn(2, 3, 36, 20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model.forward_features(x)
+        with torch.no_grad():
+            fast = model.forward_features(x)
+    assert fast.dtype == ref.dtype == torch.float32
+    assert rel_err(ref.detach(), fast) < 1e-2
+    with torch.no_grad():
+        assert rel_err(model.forward_features(x), fast) < 0.1  # and close to float32 throughout
+
+
 def test_meta_device_forward_runs_for_flop_counting():
     with torch.device("meta"):
         model = timm.create_model("adventurer_nano_patch4_28").eval()

@@ -184,6 +184,22 @@ def test_bf16_inputs_keep_float32_state():
     assert rel_err(y_ref, y.double()) < 2e-2
 
 
+@pytest.mark.parametrize("impl", ["chunked", "naive", "step"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_autocast_does_not_lower_the_kernels_precision(impl, per_channel):
+    # Under bf16 autocast (--train.amp bf16) the kernels still compute in float32: the same result as
+    # without autocast, and no dtype clash between autocast's bf16 matmuls and the kernels' in-place float32 ops.
+    ins = [t.detach().bfloat16() for t in make_inputs(2, 70, 2, 8, 4, per_channel, seed=4, with_state=True)]
+    ins[4] = ins[4].float()
+    y, s = linear_recurrence(*ins[:4], initial_state=ins[4], return_final_state=True, impl=impl, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac, s_ac = linear_recurrence(*ins[:4], initial_state=ins[4], return_final_state=True, impl=impl,
+                                       chunk_size=16)
+    assert y_ac.dtype == torch.bfloat16 and s_ac.dtype == torch.float32
+    torch.testing.assert_close(y_ac, y, rtol=0, atol=0)
+    torch.testing.assert_close(s_ac, s, rtol=0, atol=0)
+
+
 def test_auto_uses_chunked_on_cpu():
     q, k, v, a = (t.detach() for t in make_inputs(1, 20, 2, 4, 4, per_channel=False))
     torch.testing.assert_close(linear_recurrence(q, k, v, a), linear_recurrence(q, k, v, a, impl="chunked"))

@@ -182,7 +182,9 @@ class AdventurerBlock(nn.Module):
                 u = torch.cat(parts, dim=1)
             y, state = self.mixer.scan(u, state, want_state=not last)
             y = y[:, (1 if start == 0 else 0):(1 if start == 0 else 0) + hi - lo]
-            y = y.add_(rows)  # residual, in scan order
+            # Residual, in scan order. Under autocast the mixer returns bf16/fp16: the residual stream keeps x's
+            # dtype, as in the parallel form.
+            y = y.add_(rows) if y.dtype == rows.dtype else rows + y
             y = y.add_(_swiglu(self.mlp, _rms_norm(self.norm2, y)))
             if idx is None:
                 out[:, lo:hi] = y

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_recurrence_inputs
+from ._validate import autocast_disabled, check_recurrence_inputs
 from .chunked import chunked_linear_recurrence
 from .fla_bridge import fla_available, fla_linear_recurrence
 from .naive import naive_linear_recurrence
@@ -64,12 +64,17 @@ def linear_recurrence(
     impl = resolve_impl(impl, q.device)
     if q.shape[1] == 0:  # an empty sequence: the reference loop, which passes the state through
         impl = "naive"
-    if impl == "chunked":
-        y, state = chunked_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state, chunk_size)
-    elif impl == "naive":
-        y, state = naive_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state)
-    elif impl == "step":
-        y, state = step_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state)
-    else:
-        y, state = fla_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state)
+    # Every path computes in (at least) float32 by itself; autocast would put its matmuls back in bf16/fp16.
+    with autocast_disabled(q.device):
+        y, state = _dispatch(impl, q, k, v, log_decay, initial_state, return_final_state, chunk_size)
     return (y, state) if return_final_state else y
+
+
+def _dispatch(impl, q, k, v, log_decay, initial_state, return_final_state, chunk_size):
+    if impl == "chunked":
+        return chunked_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state, chunk_size)
+    if impl == "naive":
+        return naive_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state)
+    if impl == "step":
+        return step_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state)
+    return fla_linear_recurrence(q, k, v, log_decay, initial_state, return_final_state)

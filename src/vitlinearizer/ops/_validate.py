@@ -1,6 +1,8 @@
 """Input checks shared by every recurrence path: errors name the argument, its shape and what is allowed."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -56,3 +58,11 @@ def check_recurrence_inputs(q, k, v, log_decay, initial_state=None) -> None:
     devices = {t.device for t in (q, k, v, log_decay)}
     if len(devices) != 1:
         raise ValueError(f"linear_recurrence: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+def autocast_disabled(device: torch.device):
+    """A context without autocast on ``device``: the kernels choose their own (float32 or wider) compute dtype,
+    which autocast would override for their matmuls (and a bf16 matmul result then fails an in-place float32 op)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import accumulation_dtype, expand_groups
+from ._validate import accumulation_dtype, autocast_disabled, expand_groups
 
 
 def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
@@ -27,7 +27,8 @@ def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
     update = k_t[..., :, None] * v_t.to(acc)[..., None, :]  # (B, H, N, P)
     state = update.new_zeros(update.shape) if state is None else state.to(acc)
     state = decay * state + update
-    y_t = (q_t.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, P)
+    with autocast_disabled(q_t.device):
+        y_t = (q_t.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, P)
     return y_t.to(v_t.dtype), state
 
 
