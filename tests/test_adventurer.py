@@ -188,6 +188,15 @@ def test_global_pool_options_follow_timm():
         model.reset_classifier(3, "map")
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "hgrn"])
+def test_an_empty_batch_gives_an_empty_output(mixer):
+    model = timm.create_model("adventurer_nano_patch4_28", mixer=mixer, num_classes=3)
+    x = torch.randn(0, 3, 36, 20)
+    model(x).sum().backward()
+    with torch.no_grad():
+        assert model.eval()(x).shape == (0, 3)
+
+
 def test_bad_inputs_raise_clear_errors():
     model = timm.create_model("adventurer_nano_patch4_28")
     with pytest.raises(ValueError, match=r"30x28 is not a multiple of the patch size 4x4.*e\.g\. 28x28|32x28"):

@@ -103,6 +103,14 @@ def test_empty_sequence_passes_the_state_through(impl):
                                linear_recurrence(q, k, v, a, impl=impl))
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked", "step"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_empty_batch(impl, per_channel):
+    q, k, v, a = (t.detach() for t in make_inputs(0, 70, 2, 4, 3, per_channel))
+    y, state = linear_recurrence(q, k, v, a, return_final_state=True, impl=impl)
+    assert y.shape == (0, 70, 2, 3) and state.shape == (0, 2, 4, 3)
+
+
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
 def test_chunked_finite_for_long_strongly_decaying_sequences(per_channel):
     q, k, v, a = (t.detach().float() for t in make_inputs(1, 4097, 2, 8, 4, per_channel, dtype=torch.float64,

@@ -107,15 +107,16 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor, overwrite_z: bool = False) -> torch.Tensor:
         """``overwrite_z``: z is a temporary of the caller and may be used as scratch (only without autograd)."""
         shape = y.shape
+        groups = (*shape[:-1], shape[-1] // self.group_size, self.group_size)  # explicit: the batch may be empty
         if _inplace_ok():
-            x = F.silu(z, inplace=overwrite_z).mul_(y).reshape(*shape[:-1], -1, self.group_size)
+            x = F.silu(z, inplace=overwrite_z).mul_(y).reshape(groups)
             x = _at_least_float32(x)
             # ||x|| / sqrt(n) is the RMS: one reduction pass and no squared temporary.
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
             x = x.mul_(norm.square_().div_(self.group_size).add_(self.eps).rsqrt_())
             x = x.reshape(shape).to(y.dtype)
             return x.mul_(self.weight.to(x.dtype))
-        x = (y * F.silu(z)).reshape(*shape[:-1], -1, self.group_size)
+        x = (y * F.silu(z)).reshape(groups)
         x = _at_least_float32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x.reshape(shape).to(y.dtype) * self.weight

@@ -62,8 +62,8 @@ def linear_recurrence(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_recurrence: chunk_size must be a positive int, got {chunk_size!r}")
     impl = resolve_impl(impl, q.device)
-    if q.shape[1] == 0:  # an empty sequence: the reference loop, which passes the state through
-        impl = "naive"
+    if q.numel() == 0 or v.numel() == 0:  # nothing to compute (empty batch or sequence): the reference loop,
+        impl = "naive"  # which also passes the state through
     # Every path computes in (at least) float32 by itself; autocast would put its matmuls back in bf16/fp16.
     with autocast_disabled(q.device):
         y, state = _dispatch(impl, q, k, v, log_decay, initial_state, return_final_state, chunk_size)
