@@ -92,7 +92,7 @@ def test_short_conv_is_a_causal_conv1d_and_steps_from_its_window(activation):
     torch.manual_seed(0)
     conv = ShortConv(6, 4, activation=activation).double()
     x = torch.randn(2, 9, 6, dtype=torch.float64)
-    ref = conv.conv1d(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    ref = torch.nn.functional.conv1d(x.transpose(1, 2), conv.weight, None, padding=3, groups=6)[..., :9].transpose(1, 2)
     ref = torch.nn.functional.silu(ref) if activation else ref
     y, window = conv(x, want_state=True)
     torch.testing.assert_close(y, ref)
@@ -108,6 +108,25 @@ def test_short_conv_is_a_causal_conv1d_and_steps_from_its_window(activation):
     torch.testing.assert_close(torch.stack(steps, 1), ref)
 
 
+def test_short_conv_with_bias_and_width_one():
+    torch.manual_seed(0)
+    conv = ShortConv(5, 1, bias=True).double()  # Mamba-2 with d_conv=1: a per-channel scale and bias
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    y, window = conv(x, want_state=True)
+    torch.testing.assert_close(y, torch.nn.functional.silu(x * conv.weight[:, 0, 0] + conv.bias))
+    assert window.shape == (2, 0, 5)  # no past inputs to keep (not the whole segment)
+    y_t, window = conv.step(x[:, 0], window)
+    torch.testing.assert_close(y_t, y[:, 0])
+    assert window.shape == (2, 0, 5)
+
+
+def test_short_conv_loads_its_older_nested_weight_name():
+    conv = ShortConv(6, 4)
+    old = {"conv1d.weight": torch.randn(6, 1, 4)}  # a GLA/HGRN checkpoint of the earlier layout
+    conv.load_state_dict(dict(old))
+    torch.testing.assert_close(conv.weight, old["conv1d.weight"])
+
+
 @pytest.mark.parametrize("name", ["gla", "hgrn"])
 def test_checkpoint_without_the_short_conv_loads_as_that_layer(name):
     plain = build(f"{name}-noconv")
@@ -118,7 +137,7 @@ def test_checkpoint_without_the_short_conv_loads_as_that_layer(name):
     torch.testing.assert_close(mixer(x), plain(x))
     y, state = mixer.scan(x)
     assert isinstance(state, torch.Tensor)  # the conv-less state format
-    with pytest.raises(RuntimeError, match="conv.conv1d.weight"):  # a conv checkpoint still needs its conv
+    with pytest.raises(RuntimeError, match=r"conv\.weight"):  # a conv checkpoint still needs its conv
         plain.load_state_dict(build(name).state_dict())
     other = build(name)
     other.load_state_dict({}, strict=False)  # a partial load that does not reach this layer keeps the conv
@@ -130,5 +149,5 @@ def test_bad_mixer_arguments():
         create_mixer("mamba", 32)
     with pytest.raises(ValueError, match="multiple of head_dim"):
         create_mixer("mamba2", 40, head_dim=64)
-    with pytest.raises(ValueError, match="width must be at least 2 .got 1.*conv_size=0"):
-        create_mixer("gla", 32, conv_size=1)
+    with pytest.raises(ValueError, match="width must be at least 1 .got -1.*conv_size=0"):
+        create_mixer("gla", 32, conv_size=-1)

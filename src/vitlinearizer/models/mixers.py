@@ -4,8 +4,8 @@
 - :class:`GLAMixer`: gated linear attention, decay per key channel (arXiv 2312.06635);
 - :class:`HGRNMixer`: HGRN, an element-wise gated RNN (arXiv 2311.04823), the diagonal case.
 
-All three start with a short causal depthwise conv (width 4): Mamba-2's own, and fla's ``use_short_conv``
-for GLA and HGRN (``conv_size=0`` removes it there).
+All three start with a short causal depthwise conv of width 4 (:class:`ShortConv`): Mamba-2's own ``conv1d``,
+and fla's ``use_short_conv`` for GLA and HGRN (``conv_size=0`` removes it there).
 
 Every mixer maps (B, L, D) -> (B, L, D) with ``forward`` (parallel, for training), has a recurrent
 ``step(x_t, state) -> (y_t, state)`` for O(1)-memory inference, and ``scan(x, state) -> (y, state)`` which
@@ -59,29 +59,31 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out
 
 
-class ShortConv(nn.Module):
-    """Causal depthwise conv of width ``width`` over tokens, then SiLU unless ``activation=False``
-    (fla's ``ShortConvolution``).
+class ShortConv(nn.Conv1d):
+    """Causal depthwise conv of width ``width`` over tokens, then SiLU unless ``activation=False``.
 
-    Gives a mixer a local receptive field before its recurrence: Mamba-2 has one built in; GLA and HGRN take it
-    as an option. The state is the last ``width - 1`` inputs (B, width - 1, C), token-major.
+    Mamba-2's ``conv1d`` (with bias) and fla's ``ShortConvolution`` (GLA, HGRN; without): it gives a mixer a
+    local receptive field before its recurrence. An ``nn.Conv1d`` (same parameters and names) that runs on
+    token-major (B, T, C) inputs as shifted multiply-adds; its state is the last ``width - 1`` inputs
+    (B, width - 1, C).
     """
 
-    def __init__(self, channels: int, width: int, activation: bool = True):
-        super().__init__()
-        if width < 2:
-            raise ValueError(f"ShortConv: width must be at least 2 (got {width}); use conv_size=0 for no conv")
+    def __init__(self, channels: int, width: int, bias: bool = False, activation: bool = True):
+        if width < 1:
+            raise ValueError(f"ShortConv: width must be at least 1 (got {width}); GLA and HGRN take conv_size=0 "
+                             "for no conv")
+        super().__init__(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
         self.width, self.activation = width, activation
-        self.conv1d = nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None, want_state: bool = False):
         """x (B, T, C), ``prev`` (B, width-1, C) or None (zeros). Returns (output, the last width-1 inputs or None)."""
         window = None
         if want_state:
-            before = prev if prev is not None else x.new_zeros(x.shape[0], self.width - 1, x.shape[2])
-            keep = self.width - 1  # only the tail of x is copied, not the whole segment
-            window = torch.cat([before.to(x.dtype), x[:, max(x.shape[1] - keep, 0):]], 1)[:, -keep:]
-        y = causal_depthwise_conv(x, self.conv1d.weight[:, 0], None, prev)
+            keep = self.width - 1
+            before = prev if prev is not None else x.new_zeros(x.shape[0], keep, x.shape[2])
+            joined = torch.cat([before.to(x.dtype), x[:, max(x.shape[1] - keep, 0):]], 1)  # only x's tail is copied
+            window = joined[:, joined.shape[1] - keep:]  # not [-keep:]: keep is 0 for width 1
+        y = causal_depthwise_conv(x, self.weight[:, 0], self.bias, prev)
         return (F.silu(y, inplace=_inplace_ok()) if self.activation else y), window
 
     def step(self, x_t: torch.Tensor, prev: torch.Tensor | None = None):
@@ -89,8 +91,16 @@ class ShortConv(nn.Module):
         if prev is None:
             prev = x_t.new_zeros(x_t.shape[0], self.width - 1, x_t.shape[1])
         window = torch.cat([prev.to(x_t.dtype), x_t[:, None]], 1)  # (B, width, C), oldest first
-        y = torch.einsum("bkc,ck->bc", window, self.conv1d.weight[:, 0])
+        y = torch.einsum("bkc,ck->bc", window, self.weight[:, 0])
+        y = y if self.bias is None else y + self.bias
         return (F.silu(y) if self.activation else y), window[:, 1:]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # GLA/HGRN checkpoints from before ShortConv was itself the Conv1d hold the weight one level down.
+        old = prefix + "conv1d.weight"
+        if old in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class GatedRMSNorm(nn.Module):
@@ -167,7 +177,7 @@ class Mamba2Mixer(nn.Module):
         used = d_inner + self.conv_dim + self.num_heads
         self._in_proj_split = [d_inner, self.conv_dim, self.num_heads, -used % IN_PROJ_ALIGN]
         self.in_proj = nn.Linear(dim, used + self._in_proj_split[-1], bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        self.conv1d = ShortConv(self.conv_dim, d_conv, bias=True)
         # dt is log-uniform in [dt_min, dt_max]; store softplus^-1(dt) so softplus(dt_bias) starts there.
         dt = torch.exp(torch.rand(self.num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
@@ -217,38 +227,23 @@ class Mamba2Mixer(nn.Module):
         """
         conv_state, ssm_state = (None, None) if state is None else state
         z, xbc, dt, _ = self.in_proj(x).split(self._in_proj_split, dim=-1)
-        prev = None if conv_state is None else conv_state.transpose(1, 2)  # (B, d_conv-1, C)
-        width = self.d_conv - 1
-        if want_state:  # the last d_conv-1 conv inputs, read before anything is overwritten
-            tail = xbc[:, max(xbc.shape[1] - width, 0):]  # not xbc[:, -width:]: width is 0 for d_conv=1
-            if tail.shape[1] < width:
-                before = prev.to(xbc.dtype) if prev is not None else xbc.new_zeros(xbc.shape[0], width, xbc.shape[2])
-                tail = torch.cat([before, tail], 1)[:, -width:]
-            new_conv_state = tail.transpose(1, 2).contiguous()
-        xbc = causal_depthwise_conv(xbc, self.conv1d.weight[:, 0], self.conv1d.bias, prev)
-        xbc = F.silu(xbc, inplace=_inplace_ok())
+        xbc, conv_state = self.conv1d(xbc, conv_state, want_state=want_state)
         xs, q, k, v, log_decay = self._ssd_inputs(xbc, dt)
         y = linear_recurrence(q, k, v, log_decay, initial_state=ssm_state, return_final_state=want_state,
                               impl=self.impl, chunk_size=self.chunk_size)  # (B, T, H, P)
         if want_state:
             y, ssm_state = y
         out = self._output(y, xs, z)
-        return out, ((new_conv_state, ssm_state) if want_state else None)
-
-    def init_state(self, batch: int, device=None, dtype=torch.float32):
-        conv = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch, self.num_heads, self.d_state, self.head_dim, device=device, dtype=torch.float32)
-        return conv, ssm
+        return out, ((conv_state, ssm_state) if want_state else None)
 
     def step(self, x_t: torch.Tensor, state=None):
-        """One token: x_t (B, D), state (conv window (B, C, d_conv-1), SSM state (B, H, N, P)) or None."""
-        conv_state, ssm_state = state if state is not None else self.init_state(x_t.shape[0], x_t.device, x_t.dtype)
+        """One token: x_t (B, D), state (conv window (B, d_conv-1, C), SSM state (B, H, N, P)) or None."""
+        conv_state, ssm_state = (None, None) if state is None else state
         z, xbc, dt, _ = self.in_proj(x_t).split(self._in_proj_split, dim=-1)
-        window = torch.cat([conv_state, xbc[..., None]], dim=-1)  # (B, C, d_conv)
-        xbc = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        xbc, conv_state = self.conv1d.step(xbc, conv_state)
         xs, q, k, v, log_decay = self._ssd_inputs(xbc, dt)
         y, ssm_state = recurrent_step(q, k, v, log_decay, ssm_state)
-        return self._output(y, xs, z), (window[..., 1:], ssm_state)
+        return self._output(y, xs, z), (conv_state, ssm_state)
 
 
 class _ShortConvMixin:
