@@ -180,24 +180,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key} expects true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} expects a number, got {value!r}")
+    if hint in (int, float):
+        return _number(key, value, hint)
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -218,6 +202,18 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             value = [coerce(v, inner[0], key) for v in value]
         return tuple(value) if (origin or hint) is tuple else list(value)
     return value
+
+
+def _number(key: str, value: Any, kind: type) -> int | float:
+    """An int (``kind=int``) or float from YAML or the command line; bools are not numbers here."""
+    if isinstance(value, (int,) if kind is int else (int, float)) and not isinstance(value, bool):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} expects {'an integer' if kind is int else 'a number'}, got {value!r}")
 
 
 def _build_section(cls, values: dict, prefix: str):
