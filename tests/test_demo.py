@@ -88,6 +88,9 @@ def test_a_finished_stage_from_another_architecture_is_not_reused(tmp_path):
         raise AssertionError("the stage must be refused, not retrained")
     with pytest.raises(demo_module.DemoConfigMismatch, match=r"built this model differently .*conv.*--fresh"):
         demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [])
+    (stage_dir / "student.safetensors").unlink()
+    with pytest.raises(demo_module.DemoConfigMismatch, match=r"finished earlier, but its model .* is missing.*--fresh"):
+        demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [])
     _export_gla_student(stage_dir / "student.safetensors")
     log = []
     assert demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, log) == summary

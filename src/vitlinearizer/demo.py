@@ -247,6 +247,9 @@ def _check_same_config(name: str, stage_dir: Path, values: dict) -> None:
 
 def _check_same_architecture(name: str, exported: Path) -> None:
     """A finished stage is reused only when its model is what the library builds today for the same configuration."""
+    if not exported.is_file():
+        raise DemoConfigMismatch(f"stage {name!r} finished earlier, but its model {exported} is missing. "
+                                 "Run with --fresh to start over, or give another --output-dir.")
     changes = runner.architecture_changes(exported)
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
