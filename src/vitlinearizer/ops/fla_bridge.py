@@ -46,7 +46,6 @@ def fla_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_s
     if initial_state is not None:
         initial_state = initial_state.float()
     kernel = chunk_simple_gla if log_decay.dim() == 3 else chunk_gla
-    y, state = kernel(
-        q, k, v, g=log_decay.float().clamp(min=LOG_DECAY_FLOOR), scale=1.0, initial_state=initial_state, output_final_state=return_final_state
-    )
+    g = log_decay.float().clamp(min=LOG_DECAY_FLOOR)
+    y, state = kernel(q, k, v, g=g, scale=1.0, initial_state=initial_state, output_final_state=return_final_state)
     return y, state
