@@ -91,6 +91,14 @@ def test_eval_and_predict(pipeline, tmp_path, capsys):
     preds = json.loads(capsys.readouterr().out)
     assert [len(p["top"]) for p in preds] == [2, 2, 2]
     assert all(0 <= t["prob"] <= 1 and t["label"].startswith("class") for p in preds for t in p["top"])
+    # At another resolution (the student runs at any multiple of its patch size): other inputs, other scores.
+    assert main(["predict", "--checkpoint", ckpt, "--img-size", "56x44", "--json", str(images[0])]) == 0
+    wide = json.loads(capsys.readouterr().out)[0]["top"]
+    assert len(wide) == 3 and wide != preds[0]["top"] and sum(t["prob"] for t in wide) == pytest.approx(1, abs=1e-3)
+    assert main(["predict", "--checkpoint", ckpt, "--img-size", "30", str(images[0])]) == 2
+    assert "not a multiple of the patch size 4x4" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", ckpt, "--img-size", "big", str(images[0])]) == 2
+    assert "S or HxW" in capsys.readouterr().err
 
 
 def test_distill_takes_a_teacher_trained_on_other_classes(pipeline, tmp_path):

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="labels per image")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--img-size", metavar="SIZE", default=None,
+                   help="resize to S or HxW (a multiple of the patch size; default: the training resolution)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     from .demo import add_demo_arguments
@@ -136,7 +138,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(runner.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device), indent=2))
         return 0
     if args.command == "predict":
-        results = runner.predict(args.checkpoint, args.images, args.topk, args.device)
+        from .data import parse_size
+        img_size = None if args.img_size is None else parse_size(args.img_size)
+        results = runner.predict(args.checkpoint, args.images, args.topk, args.device, img_size)
         if args.json:
             print(json.dumps(results, indent=2))
         for r in [] if args.json else results:

@@ -448,3 +448,17 @@ def dataset_info(cfg: DataConfig) -> dict:
              if cfg.name == "imagefolder" else [f"class_{c}" for c in range(cfg.num_classes)])
     mean, std = resolve_mean_std(cfg)
     return dict(num_classes=len(names), class_names=names, mean=mean, std=std)
+
+
+def parse_size(text) -> tuple[int, int]:
+    """'1024' -> (1024, 1024); '1024x2048' -> (1024, 2048) (height x width)."""
+    if isinstance(text, (tuple, list)):
+        return int(text[0]), int(text[1])
+    parts = str(text).lower().split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        dims = []
+    if len(dims) not in (1, 2) or min(dims) < 1:
+        raise ValueError(f"size must be S or HxW with positive integers, got {text!r}")
+    return (dims[0], dims[0]) if len(dims) == 1 else (dims[0], dims[1])

@@ -275,10 +275,15 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
 
 
-def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto") -> list[dict]:
-    """Top-k labels with probabilities for image files."""
+def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto",
+            img_size: tuple[int, int] | None = None) -> list[dict]:
+    """Top-k labels with probabilities for image files, resized to ``img_size`` (default: the size the model was
+    trained at; Adventurer students run at any multiple of their patch size)."""
     model, meta = load_exported_model(checkpoint, resolve_device(device))
-    data = DataConfig(name="synthetic", img_size=tuple(meta["img_size"]), mean=meta["mean"], std=meta["std"],
+    img_size = tuple(meta["img_size"]) if img_size is None else tuple(img_size)
+    if hasattr(model, "patch_grid"):
+        model.patch_grid(*img_size)  # a size that does not fit the patch size fails here, naming the fix
+    data = DataConfig(name="synthetic", img_size=img_size, mean=meta["mean"], std=meta["std"],
                       interpolation=meta["interpolation"], crop_pct=meta["crop_pct"])
     transform = build_transform(data, train=False)
     k = min(topk, meta["num_classes"])

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import parse_size
 from .models import PAIRS, build_model, count_flops, model_flops, model_label, model_spec, token_count
 from .report import _lat, compute_slopes, fit_loglog_slope, markdown_table, write_outputs, write_plot
 
@@ -170,20 +171,6 @@ def _dtype_name(name: str) -> str:
     if name.lower() not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose float32, bf16 or fp16")
     return DTYPES[name.lower()]
-
-
-def parse_size(text) -> tuple[int, int]:
-    """'1024' -> (1024, 1024); '1024x2048' -> (1024, 2048) (height x width)."""
-    if isinstance(text, (tuple, list)):
-        return int(text[0]), int(text[1])
-    parts = str(text).lower().split("x")
-    try:
-        dims = [int(p) for p in parts]
-    except ValueError:
-        dims = []
-    if len(dims) not in (1, 2) or min(dims) < 1:
-        raise ValueError(f"size must be S or HxW with positive integers, got {text!r}")
-    return (dims[0], dims[0]) if len(dims) == 1 else (dims[0], dims[1])
 
 
 def size_label(size: tuple[int, int]) -> str:
