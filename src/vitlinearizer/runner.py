@@ -96,8 +96,8 @@ def architecture_changes(path: str | Path) -> list[str]:
     path = Path(path)
     meta = read_metadata(path)
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        model = timm.create_model(meta["model"], num_classes=meta["num_classes"], img_size=tuple(meta["img_size"]),
-                                  **meta["model_kwargs"])
+        model = timm.create_model(meta["model"], num_classes=meta["num_classes"],
+                                  **{"img_size": tuple(meta["img_size"]), **meta["model_kwargs"]})
     built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "mask_token"}
     with safetensors.safe_open(str(path), "pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k != "mask_token"}
