@@ -70,11 +70,16 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def _model_for(meta: dict) -> nn.Module:
+    """The (untrained) model an export description names, at the resolution it was trained at: the position
+    embedding in the file has that grid's size."""
+    kwargs = {"img_size": tuple(meta["img_size"]), **meta["model_kwargs"]}
+    return timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
+
+
 def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     meta = read_metadata(path)
-    # The resolution it was trained at: the position embedding in the file has that grid's size.
-    kwargs = {"img_size": tuple(meta["img_size"]), **meta["model_kwargs"]}
-    model = timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
+    model = _model_for(meta)
     state = load_state_dict_safely(path)
     if hasattr(model, "mask_token") and model.mask_token is None:
         state.pop("mask_token", None)
@@ -96,8 +101,7 @@ def architecture_changes(path: str | Path) -> list[str]:
     path = Path(path)
     meta = read_metadata(path)
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        model = timm.create_model(meta["model"], num_classes=meta["num_classes"],
-                                  **{"img_size": tuple(meta["img_size"]), **meta["model_kwargs"]})
+        model = _model_for(meta)
     built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "mask_token"}
     with safetensors.safe_open(str(path), "pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k != "mask_token"}

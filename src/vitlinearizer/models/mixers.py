@@ -73,7 +73,11 @@ class ShortConv(nn.Conv1d):
             raise ValueError(f"ShortConv: width must be at least 1 (got {width}); GLA and HGRN take conv_size=0 "
                              "for no conv")
         super().__init__(channels, channels, width, groups=channels, padding=width - 1, bias=bias)
-        self.width, self.activation = width, activation
+        self.activation = activation
+
+    @property
+    def width(self) -> int:
+        return self.kernel_size[0]
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor | None = None, want_state: bool = False):
         """x (B, T, C), ``prev`` (B, width-1, C) or None (zeros). Returns (output, the last width-1 inputs or None)."""
