@@ -182,10 +182,14 @@ def test_global_pool_options_follow_timm():
     assert model(x).shape == (2, 57, 5)
     torch.testing.assert_close(model(x), model.head(tokens))
     assert timm.create_model("adventurer_nano_patch4_28", num_classes=0, global_pool="")(x).shape == (2, 57, 128)
-    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', ''.*got 'max'"):
-        timm.create_model("adventurer_nano_patch4_28", global_pool="max")
-    with pytest.raises(ValueError, match=r"got 'map'"):
-        model.reset_classifier(3, "map")
+    model.reset_classifier(0, "max")
+    torch.testing.assert_close(model(x), tokens[:, :-1].amax(1))
+    model.reset_classifier(0, "avgmax")
+    torch.testing.assert_close(model(x), (tokens[:, :-1].amax(1) + tokens[:, :-1].mean(1)) / 2)
+    with pytest.raises(ValueError, match=r"global_pool must be one of 'token', 'avg', 'max', 'avgmax', ''.*got 'map'"):
+        timm.create_model("adventurer_nano_patch4_28", global_pool="map")
+    with pytest.raises(ValueError, match=r"got 'mean'"):
+        model.reset_classifier(3, "mean")
 
 
 @pytest.mark.parametrize("mixer", ["mamba2", "gla", "hgrn"])
@@ -199,6 +203,16 @@ def test_an_empty_batch_gives_an_empty_output(mixer):
 
 def test_bad_inputs_raise_clear_errors():
     model = timm.create_model("adventurer_nano_patch4_28")
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\), got \(1, 28, 28\).*unsqueeze"):
+        model(torch.randn(1, 28, 28))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got \(2, 1, 28, 28\)"):
+        model(torch.randn(2, 1, 28, 28))
+    with pytest.raises(TypeError, match="input dtype torch.float64 does not match the model's torch.float32"):
+        model(torch.randn(1, 3, 28, 28, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"30x30 is not a multiple of the patch size 4x4"):
+        timm.create_model("adventurer_nano_patch4_28", img_size=30)
+    with pytest.raises(ValueError, match=r"30x28 is not a multiple"):
+        model.set_input_size(img_size=(30, 28))
     with pytest.raises(ValueError, match=r"30x28 is not a multiple of the patch size 4x4.*e\.g\. 28x28|32x28"):
         model(torch.randn(1, 3, 30, 28))
     with pytest.raises(ValueError, match="unknown mixer 'rwkv'"):
@@ -207,3 +221,55 @@ def test_bad_inputs_raise_clear_errors():
         timm.create_model("adventurer_giant_patch16_224")
     with pytest.raises(ValueError, match="no mask token"):
         model.forward_features(torch.randn(1, 3, 28, 28), mask=torch.zeros(1, 49, dtype=torch.bool))
+
+
+def test_a_distilled_export_loads_through_timm_checkpoint_path(tmp_path):
+    # timm's train/validate scripts load with `checkpoint_path` and strict=True; the mask token is distillation-only.
+    student = timm.create_model("adventurer_nano_patch4_28", use_mask_token=True).eval()
+    path = tmp_path / "distilled.safetensors"
+    safetensors.torch.save_file(student.state_dict(), str(path))
+    plain = timm.create_model("adventurer_nano_patch4_28", checkpoint_path=str(path)).eval()
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(plain(x), student(x))
+    with pytest.raises(RuntimeError, match="Missing key.*mask_token"):  # a model that needs it still asks for it
+        timm.create_model("adventurer_nano_patch4_28", use_mask_token=True).load_state_dict(plain.state_dict())
+
+
+def test_hooks_see_every_block_without_autograd():
+    # The no-autograd fast path bypasses module calls and writes in place; a hook must still fire and keep its tensor.
+    model = timm.create_model("adventurer_nano_patch4_28", depth=4).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.enable_grad():
+        expected = [f.detach() for f in model.forward_intermediates(x, intermediates_only=True, output_fmt="NLC",
+                                                                    return_prefix_tokens=False)]
+    seen = {}
+    names = ["patch_embed", "blocks.1", "blocks.2.mixer", "blocks.3", "norm"]
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o))
+               for n in names]
+    with torch.no_grad():
+        out = model(x)
+    assert sorted(seen) == sorted(names)
+    torch.testing.assert_close(seen["blocks.1"][:, :-1], expected[1], rtol=1e-4, atol=1e-5)  # not overwritten later
+    torch.testing.assert_close(seen["blocks.3"][:, :-1], expected[3], rtol=1e-4, atol=1e-5)
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+    features = timm.create_model("adventurer_nano_patch4_28", features_only=True, feature_cls="hook",
+                                 out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        assert [tuple(f.shape) for f in features(x)] == [(2, 50, 128)] * 2
+
+
+def test_resampled_position_embedding_follows_writes_that_keep_the_version():
+    # Fused optimisers and `.data` writes change a parameter without bumping its version counter.
+    model = timm.create_model("adventurer_nano_patch4_28").eval()
+    x = torch.randn(1, 3, 36, 52)
+    with torch.no_grad():
+        before = model(x)
+        model.pos_embed.data.mul_(3.0)
+        after = model(x)
+    with torch.enable_grad():
+        reference = model(x).detach()  # the autograd path never caches
+    torch.testing.assert_close(after, reference)
+    assert not torch.allclose(before, after)

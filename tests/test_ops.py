@@ -235,3 +235,25 @@ def test_bad_impl_state_and_chunk_size():
         linear_recurrence(q, k, v, a, initial_state=torch.zeros(1, 3, 4, 5, dtype=q.dtype))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         linear_recurrence(q, k, v, a, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got True"):
+        linear_recurrence(q, k, v, a, chunk_size=True)
+    with pytest.raises(TypeError, match="`initial_state` must be a floating-point tensor"):
+        linear_recurrence(q, k, v, a, initial_state=torch.zeros(1, 3, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"one device, got \['cpu', 'meta'\]"):
+        linear_recurrence(q, k, v, a, initial_state=torch.zeros(1, 3, 4, 4, device="meta", dtype=q.dtype))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "naive", "step"])
+@pytest.mark.parametrize("wide", ["v", "initial_state"])
+def test_a_float64_input_keeps_float64_precision(impl, wide):
+    # The working precision follows the widest input, not q alone: a float64 value or state is not rounded.
+    ins = [t.detach() for t in make_inputs(1, 33, 2, 4, 4, per_channel=False, seed=5, with_state=True)]
+    reference = linear_recurrence(*ins[:4], initial_state=ins[4], return_final_state=True, impl="naive")
+    mixed = [t if name == wide else t.float() for name, t in zip(NAMES, ins)]
+    y, state = linear_recurrence(*mixed[:4], initial_state=mixed[4], return_final_state=True, impl=impl)
+    assert state.dtype == torch.float64
+    # q, k, log_decay were rounded to float32 on the way in; everything after stays in float64.
+    rounded = [t.float().double() if name != wide else t for name, t in zip(NAMES, ins)]
+    expected = linear_recurrence(*rounded[:4], initial_state=rounded[4], return_final_state=True, impl="naive")
+    assert rel_err(expected[1], state) < 1e-10
+    assert rel_err(reference[1], state) < 1e-5

@@ -81,8 +81,6 @@ def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict
     meta = read_metadata(path)
     model = _model_for(meta)
     state = load_state_dict_safely(path)
-    if hasattr(model, "mask_token") and model.mask_token is None:
-        state.pop("mask_token", None)
     model.load_state_dict(state)
     # What timm.data.resolve_data_config(model=model) reads: the file's preprocessing, not the registry's.
     update_pretrained_cfg(model, **pretrained_cfg_overlay(path, meta))
@@ -175,8 +173,6 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
     model.patch_grid(*_img_size(cfg.data))  # a resolution that does not fit the patch size fails here
     if cfg.student.checkpoint:
         state = load_state_dict_safely(cfg.student.checkpoint)
-        if not use_mask_token:
-            state.pop("mask_token", None)
         state = checkpoint_filter_fn(state, model)  # resamples the position embedding to this resolution
         head = {k for k in state if k.startswith("head.")}
         if any(state[k].shape != v.shape for k, v in model.state_dict().items() if k in head):

@@ -24,6 +24,7 @@ from timm.layers import DropPath, PatchEmbed, RmsNorm, SwiGLU, resample_abs_pos_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from torch.nn.modules import module as _module_globals
 
 from .mixers import MIXERS, create_mixer
 
@@ -38,6 +39,18 @@ def _scan_order(length: int, device: torch.device) -> torch.Tensor:
     order = torch.arange(length - 2, -2, -1, device=device)
     order[-1] = length - 1
     return order
+
+
+def _forward_hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would observe ``module`` or a module inside it.
+
+    The no-autograd fast paths run submodules' arithmetic without their ``__call__`` and overwrite buffers in
+    place; hooks (timm's hook-based feature extraction, profilers, FLOP counters, visualisation tools) must see
+    every call and keep what they were given, so with any hook the plain module calls run instead.
+    """
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _rms_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +134,7 @@ class AdventurerBlock(nn.Module):
 
     def _streamable(self, x: torch.Tensor) -> bool:
         """Whether the no-autograd path applies (streaming in slabs, or in one piece for short inputs)."""
-        if torch.is_grad_enabled() or not hasattr(self.mixer, "scan"):
+        if torch.is_grad_enabled() or not hasattr(self.mixer, "scan") or _forward_hooked(self):
             return False
         return not self.training or (isinstance(self.drop_path1, nn.Identity) and isinstance(self.drop_path2, nn.Identity))
 
@@ -146,9 +159,8 @@ class AdventurerBlock(nn.Module):
         inputs or ``stream_slab_tokens = 0``). ``out=x`` overwrites the input in place: each slab reads only
         its own rows, and the heading token is computed before any row is written.
 
-        The last slab is zero-padded to whole chunks of the recurrence (the pad rows ride along in the
-        concatenation that builds the slab, and causality keeps them out of every real output), so the
-        kernel never pads its inputs itself.
+        The last slab is not padded to whole chunks of the recurrence: that would also run the mixer's
+        projections on the pad rows (+13% FLOPs at 224², 197 tokens); the kernel pads only its own inputs.
         """
         length = x.shape[1]
         out = torch.empty_like(x) if out is None else out
@@ -175,12 +187,9 @@ class AdventurerBlock(nn.Module):
                 u = _rms_norm(self.norm1, rows, row_scale)
             else:
                 u = self.norm1(rows)
-            last = stop == total
-            pad = (-(stop - start)) % SLAB_ALIGN if last else 0
-            parts = ([head] if start == 0 else []) + [u] + ([u.new_zeros(u.shape[0], pad, u.shape[2])] if pad else [])
-            if len(parts) > 1:
-                u = torch.cat(parts, dim=1)
-            y, state = self.mixer.scan(u, state, want_state=not last)
+            if start == 0:
+                u = torch.cat([head, u], dim=1)
+            y, state = self.mixer.scan(u, state, want_state=stop < total)
             y = y[:, (1 if start == 0 else 0):(1 if start == 0 else 0) + hi - lo]
             # Residual, in scan order. Under autocast the mixer returns bf16/fp16: the residual stream keeps x's
             # dtype, as in the parallel form.
@@ -193,7 +202,8 @@ class AdventurerBlock(nn.Module):
         return out
 
 
-GLOBAL_POOLS = ("token", "avg", "")  # timm's names: the class token, the mean of the patch tokens, none
+# timm's names: the class token, the mean / max / mean + max of the patch tokens, none (the head sees every token)
+GLOBAL_POOLS = ("token", "avg", "max", "avgmax", "")
 
 
 def _check_global_pool(global_pool: str) -> str:
@@ -239,6 +249,7 @@ class Adventurer(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.patch_grid(*self.patch_embed.img_size)  # the native resolution must fit the patch too
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
@@ -247,7 +258,9 @@ class Adventurer(nn.Module):
             AdventurerBlock(embed_dim, mixer, mixer_kwargs, mlp_ratio, rates[i], flip=i % 2 == 1, norm_eps=norm_eps)
             for i in range(depth)
         ])
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
+        # timm reports one reduction per feature map; a non-square patch reports its larger side, as timm's ViT does.
+        reduction = max(timm_pair(patch_size))
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
         self.norm = RmsNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -271,6 +284,13 @@ class Adventurer(nn.Module):
         for mixer in (b.mixer for b in self.blocks):
             if hasattr(mixer, "gk_proj"):  # GLA: start with slow decay (logsigmoid of a positive bias ~ 0)
                 nn.init.constant_(mixer.gk_proj[1].bias, 4.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The mask token is used only by masked distillation: a distilled student loads as a plain classifier
+        # (also through timm's `checkpoint_path` and `load_state_dict(strict=True)`).
+        if self.mask_token is None:
+            state_dict.pop(prefix + "mask_token", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------- timm API
     @torch.jit.ignore
@@ -299,6 +319,8 @@ class Adventurer(nn.Module):
         """Change the native resolution: the position embedding is resampled once and stored at the new grid."""
         if patch_size is not None and tuple(timm_pair(patch_size)) != tuple(self.patch_embed.patch_size):
             raise ValueError("Adventurer cannot change its patch size after creation; create a new model instead")
+        if img_size is not None:
+            self.patch_grid(*timm_pair(img_size))
         old_grid = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size)
         new_grid = self.patch_embed.grid_size
@@ -323,7 +345,8 @@ class Adventurer(nn.Module):
         of ``patch_embed.proj`` (same weights), about twice as fast on CPU (benchmarks/block_parts.py)."""
         pe = self.patch_embed
         plain = (isinstance(pe.norm, nn.Identity) and getattr(pe, "flatten", True) and not getattr(pe, "dynamic_img_pad", False)
-                 and isinstance(pe.proj, nn.Conv2d) and pe.proj.kernel_size == pe.proj.stride and pe.proj.padding == (0, 0))
+                 and isinstance(pe.proj, nn.Conv2d) and pe.proj.kernel_size == pe.proj.stride and pe.proj.padding == (0, 0)
+                 and not _forward_hooked(pe))
         if not plain:
             return pe(x)
         batch, chans, height, width = x.shape
@@ -332,7 +355,19 @@ class Adventurer(nn.Module):
         patches = patches.reshape(batch, (height // ph) * (width // pw), chans * ph * pw)
         return F.linear(patches, pe.proj.weight.reshape(pe.proj.out_channels, -1), pe.proj.bias)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        chans = self.patch_embed.proj.in_channels
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != chans:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected images of shape (B, {chans}, H, W), got {got}"
+                             + ("; add a batch dimension with x.unsqueeze(0)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""))
+        weight = self.patch_embed.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} does not match the model's {weight.dtype}; convert one of them "
+                            f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast")
+
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        self._check_input(x)
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self._patchify(x)  # (B, N, D)
         if mask is not None:
@@ -348,20 +383,22 @@ class Adventurer(nn.Module):
         return x.add_(pos), grid  # x is a fresh tensor of this forward
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The position embedding resampled to ``grid``; without autograd the bicubic resample is cached
-        (keyed by the parameter's version, so an update of the weights invalidates it)."""
+        """The position embedding resampled to ``grid``. Without autograd the bicubic resample is cached and
+        reused while the parameter holds the same values: compared element-wise, since fused optimisers and
+        writes through ``.data`` change a parameter without bumping its version counter."""
         pos = self.pos_embed
         if grid == self.patch_embed.grid_size:
             return pos
-        key = (grid, pos._version, pos.data_ptr(), pos.dtype, pos.device)
+        cacheable = not torch.is_grad_enabled() and pos.device.type != "meta" and not torch.compiler.is_compiling()
         cached = getattr(self, "_pos_cache", None)
-        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
-            return cached[1]
+        if (cacheable and cached is not None and cached[0] == grid and cached[1].dtype == pos.dtype
+                and cached[1].device == pos.device and torch.equal(cached[1], pos)):
+            return cached[2]
         patches = resample_abs_pos_embed(pos[:, :-1], list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
-        pos = torch.cat([patches, pos[:, -1:]], dim=1)
-        if not torch.is_grad_enabled():
-            self._pos_cache = (key, pos)
-        return pos
+        resampled = torch.cat([patches, pos[:, -1:]], dim=1)
+        if cacheable:
+            self._pos_cache = (grid, pos.detach().clone(), resampled)
+        return resampled
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, owned: bool = False) -> torch.Tensor:
         """``owned``: x is a temporary of this forward that nothing else references, so a streaming block
@@ -375,18 +412,25 @@ class Adventurer(nn.Module):
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, N + 1, D) normalised tokens; ``mask`` (B, N) bool replaces patch embeddings."""
         x, _ = self._embed(x, mask)
+        owned = not _forward_hooked(self)  # a hook may keep a block's output, which must then not be overwritten
         for block in self.blocks:
-            x = self._run_block(block, x, owned=True)
-        if not torch.is_grad_enabled() and _plain_rms_norm(self.norm):  # x is this forward's own tensor
+            x = self._run_block(block, x, owned=owned)
+        if owned and not torch.is_grad_enabled() and _plain_rms_norm(self.norm):  # x is this forward's own tensor
             x = x.mul_(_rms_scale(self.norm, x).to(x.dtype))
             return x.mul_(self.norm.weight.to(x.dtype)) if self.norm.weight is not None else x
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x[:, :-1].mean(dim=1)
-        elif self.global_pool == "token":
+        if self.global_pool == "token":
             x = x[:, -1]
+        elif self.global_pool:  # pools over the patch tokens (the class token is last)
+            patches = x[:, :-1]
+            if self.global_pool == "avg":
+                x = patches.mean(dim=1)
+            elif self.global_pool == "max":
+                x = patches.amax(dim=1)
+            else:  # avgmax
+                x = 0.5 * (patches.mean(dim=1) + patches.amax(dim=1))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -440,8 +484,8 @@ def timm_pair(value) -> tuple[int, int]:
 
 
 def checkpoint_filter_fn(state_dict: dict, model: Adventurer) -> dict:
-    """Map a saved state dict onto ``model``: unwrap containers, resample the position embedding, drop a
-    mask token the model does not have (a distilled student loaded as a plain classifier)."""
+    """Map a saved state dict onto ``model``: unwrap containers, resample the position embedding (a mask token
+    the model does not have is dropped by :meth:`Adventurer._load_from_state_dict`)."""
     for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
@@ -449,13 +493,13 @@ def checkpoint_filter_fn(state_dict: dict, model: Adventurer) -> dict:
     out = {}
     for k, v in state_dict.items():
         k = k.removeprefix("module.").removeprefix("student.")
-        if k == "mask_token" and model.mask_token is None:
-            continue
         if k == "pos_embed" and v.shape != model.pos_embed.shape:
             n = v.shape[1] - 1
             old = (int(math.isqrt(n)),) * 2
             if old[0] * old[1] != n:
-                raise ValueError(f"cannot infer the grid of a non-square pos_embed with {n} patch positions")
+                raise ValueError(
+                    f"cannot infer the grid of a non-square pos_embed with {n} patch positions; create the model at "
+                    "the checkpoint's own img_size, load it, then call model.set_input_size(img_size=...)")
             patches = resample_abs_pos_embed(v[:, :-1], list(model.patch_embed.grid_size), list(old), num_prefix_tokens=0)
             v = torch.cat([patches, v[:, -1:]], dim=1)
         out[k] = v

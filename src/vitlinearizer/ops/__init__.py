@@ -59,7 +59,7 @@ def linear_recurrence(
         y (B, L, H, P) in v's dtype, or ``(y, final_state)`` when ``return_final_state``.
     """
     check_recurrence_inputs(q, k, v, log_decay, initial_state)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_recurrence: chunk_size must be a positive int, got {chunk_size!r}")
     impl = resolve_impl(impl, q.device)
     if q.numel() == 0 or v.numel() == 0:  # nothing to compute (empty batch or sequence): the reference loop,

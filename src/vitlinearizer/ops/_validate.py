@@ -6,9 +6,10 @@ import contextlib
 import torch
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype every path computes and keeps the state in: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """The dtype every path computes and keeps the state in: float64 when any input is float64, else float32
+    (so a float64 value or state is never silently rounded through a float32 query)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def expand_groups(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -55,7 +56,9 @@ def check_recurrence_inputs(q, k, v, log_decay, initial_state=None) -> None:
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != expected:
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
             raise ValueError(f"linear_recurrence: initial_state must be (B, H, N, P) = {expected}, got {got}")
-    devices = {t.device for t in (q, k, v, log_decay)}
+        if not initial_state.is_floating_point():
+            raise TypeError(f"linear_recurrence: `initial_state` must be a floating-point tensor, got dtype {initial_state.dtype}")
+    devices = {t.device for t in (q, k, v, log_decay, initial_state) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"linear_recurrence: all inputs must be on one device, got {sorted(map(str, devices))}")
 

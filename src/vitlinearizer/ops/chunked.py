@@ -414,7 +414,7 @@ def chunked_linear_recurrence(
     if method not in METHODS:
         raise ValueError(f"chunked_linear_recurrence: method must be one of {', '.join(METHODS)}, got {method!r}")
     out_dtype = v.dtype
-    acc = accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q, k, v, log_decay, initial_state)
     q, k, v = (t.to(acc) for t in (q, k, v))
     log_decay = log_decay.to(acc).clamp(min=LOG_DECAY_FLOOR)
     per_head = log_decay.dim() == 3

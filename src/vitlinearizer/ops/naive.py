@@ -14,7 +14,7 @@ from ._validate import accumulation_dtype, expand_groups
 
 def naive_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_state=False):
     """Args and returns as :func:`vitlinearizer.ops.linear_recurrence`."""
-    acc = accumulation_dtype(q.dtype)
+    acc = accumulation_dtype(q, k, v, log_decay, initial_state)
     out_dtype = v.dtype
     heads = v.shape[2]
     q, k = expand_groups(q, heads).to(acc), expand_groups(k, heads).to(acc)  # (B, L, H, N)

@@ -18,7 +18,7 @@ def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
     Returns:
         (y_t (B, H, P) in v_t's dtype, new state (B, H, N, P)).
     """
-    acc = accumulation_dtype(q_t.dtype)
+    acc = accumulation_dtype(q_t, k_t, v_t, log_decay_t, state)
     heads = v_t.shape[1]
     q_t = expand_groups(q_t.unsqueeze(1), heads).squeeze(1).to(acc)  # (B, H, N)
     k_t = expand_groups(k_t.unsqueeze(1), heads).squeeze(1).to(acc)  # (B, H, N)
