@@ -39,6 +39,17 @@ def test_quick_cli_end_to_end_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
+def test_default_output_is_not_the_published_results(tmp_path):
+    """A plain `vitlinearizer bench` writes under runs/bench, never over benchmarks/results; --output-dir still
+    chooses."""
+    from vitlinearizer.cli import build_parser
+
+    opts = bench.BenchOptions.from_args(build_parser().parse_args(["bench", "--device", "cpu"]))
+    assert opts.output_dir == "runs/bench" == bench.BenchOptions(pairs=[], sizes=[], dtypes=[]).output_dir
+    explicit = build_parser().parse_args(["bench", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert bench.BenchOptions.from_args(explicit).output_dir == str(tmp_path)
+
+
 def test_budget_skips_are_marked_without_running_anything(tmp_path):
     opts = bench.BenchOptions(pairs=["demo"], sizes=[(512, 512)], dtypes=["float32"], time_budget=1.0,
                               max_minutes=1.0, device="cpu", output_dir=str(tmp_path))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -15,6 +17,7 @@ from torch.utils.data import DataLoader
 from vitlinearizer.data import (
     DEFAULT_FASHION_MNIST_ROOT,
     FASHION_MNIST_CLASSES,
+    SPLITS,
     DataConfig,
     DataWarning,
     FashionMNIST,
@@ -23,9 +26,11 @@ from vitlinearizer.data import (
     balanced_subset,
     build_dataset,
     build_transform,
+    check_data_source,
     dataset_info,
     load_rgb,
     read_idx,
+    show_data_warnings_plainly,
     stratified_split,
 )
 
@@ -365,3 +370,88 @@ def test_imagefolder_build_dataset_splits(tree):
     cfg.strict = True
     with pytest.raises(ValueError, match="truncated.jpg"):
         build_dataset(cfg, "train")
+
+
+@pytest.mark.parametrize("name", ["validation", "test"])
+def test_imagefolder_eval_split_alternatives(tree, name):
+    root, _ = tree
+    (root / "val").rename(root / name)
+    cfg = DataConfig(name="imagefolder", root=str(root), img_size=16)
+    with pytest.warns(DataWarning, match="c_empty"):
+        test = build_dataset(cfg, "test")
+    assert len(test) == 6 and test.split_dir == root / name
+    (root / "val" / "b_plain").mkdir(parents=True)  # val/ comes first when several exist
+    _noise(np.random.default_rng(2)).save(root / "val" / "b_plain" / "only.png")
+    with pytest.warns(DataWarning, match="a_mixed"):
+        assert len(build_dataset(cfg, "test")) == 1
+
+
+def test_check_data_source_finds_missing_folders_without_reading_images(tree, tmp_path, monkeypatch):
+    root, _ = tree
+    cfg = DataConfig(name="imagefolder", root=str(root), img_size=16)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("check_data_source must not scan or open images")
+
+    monkeypatch.setattr(Image, "open", no_scan)
+    monkeypatch.setattr(os, "walk", no_scan)
+    check_data_source(cfg)
+    (root / "val").rename(root / "elsewhere")
+    check_data_source(cfg, splits=("train", "holdout"))
+    with pytest.raises(FileNotFoundError, match=r"no evaluation folder in .*tree: looked for val/, validation/, test/"):
+        check_data_source(cfg)
+    (root / "elsewhere" / "zebra").mkdir()
+    (root / "elsewhere").rename(root / "test")
+    with pytest.raises(ValueError, match="zebra"):
+        check_data_source(cfg, splits=("test",))
+    with pytest.raises(FileNotFoundError, match="train/ and val/ .or validation/ or test/"):
+        check_data_source(DataConfig(name="imagefolder", root=str(tmp_path / "missing")))
+    (tmp_path / "bare" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class folders"):
+        check_data_source(DataConfig(name="imagefolder", root=str(tmp_path / "bare")), splits=("train",))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        check_data_source(DataConfig(name="fashion_mnist", root=str(tmp_path)), splits=("test",))
+    with pytest.raises(ValueError, match="holdout_fraction > 0"):
+        check_data_source(DataConfig(name="synthetic", holdout_fraction=0), splits=("holdout",))
+    check_data_source(DataConfig(name="synthetic"), splits=SPLITS)
+
+
+@pytest.mark.parametrize("link,target", [
+    ("loop", ".."),  # the split folder: would also label b's images as a
+    ("sub/up", ".."),  # the class folder itself
+    ("sub/same", "."),
+])
+def test_imagefolder_symlink_loops_neither_repeat_nor_mix_classes(tmp_path, link, target):
+    rng = np.random.default_rng(0)
+    root, shared = tmp_path / "farm", tmp_path / "shared"
+    for d in (root / "train" / "a" / "sub", root / "train" / "b", shared):
+        d.mkdir(parents=True)
+    _noise(rng).save(root / "train" / "a" / "a0.png")
+    _noise(rng).save(root / "train" / "a" / "sub" / "a1.png")
+    _noise(rng).save(root / "train" / "b" / "b0.png")
+    _noise(rng).save(shared / "s0.png")
+    (root / "train" / "a" / link).symlink_to(target)  # one loop at a time: unpruned, several explode exponentially
+    (root / "train" / "b" / "linked").symlink_to(shared)  # symlink farms are still followed...
+    (root / "train" / "b" / "linked_again").symlink_to(shared)  # ...once per real folder
+    ds = ImageFolderDataset(root, "train", verify="none")
+    names = sorted((os.path.basename(p), ds.classes[t]) for p, t in ds.samples)
+    assert names == [("a0.png", "a"), ("a1.png", "a"), ("b0.png", "b"), ("s0.png", "b")]
+
+
+def test_data_warnings_print_only_the_message(tree, monkeypatch):
+    root, _ = tree
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # undone after the test
+    show_data_warnings_plainly()
+    show_data_warnings_plainly()  # idempotent: the CLI may install it more than once per process
+    assert warnings.formatwarning("3 files", DataWarning, "/lib/data.py", 7, "warnings.warn(msg)") == \
+        "DataWarning: 3 files\n"
+    other = warnings.formatwarning("careful", UserWarning, "/lib/data.py", 7, "warnings.warn(msg)")
+    assert other.startswith("/lib/data.py:7: UserWarning: careful") and "warnings.warn(msg)" in other
+    script = ("import warnings\nfrom vitlinearizer.data import DataConfig, build_dataset, show_data_warnings_plainly\n"
+              "show_data_warnings_plainly()\n"
+              f"build_dataset(DataConfig(name='imagefolder', root={str(root)!r}, img_size=16), 'train')\n"
+              "warnings.warn('unrelated')\n")
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stderr
+    assert "DataWarning: 3 unreadable file(s)" in err and "DataWarning: " in err.split("\n")[0]
+    assert "ImageFolderDataset(" not in err and "data.py" not in err  # no library source line or location
+    assert "<string>:5: UserWarning: unrelated" in err

@@ -4,7 +4,8 @@ import timm
 import torch
 
 import vitlinearizer  # noqa: F401
-from vitlinearizer.distill import DistillConfig, DistillationTask, block_mask, random_mask, stage_taps
+from vitlinearizer.distill import (DistillConfig, DistillationTask, block_mask, default_num_stages, random_mask,
+                                  stage_taps)
 from vitlinearizer.teacher import Teacher
 
 TEACHER_KW = dict(patch_size=4, embed_dim=32, depth=4, num_heads=2)
@@ -42,6 +43,14 @@ def test_stage_taps_for_equal_and_different_depths():
     assert stage_taps(24, 4) == [5, 11, 17, 23]
     with pytest.raises(ValueError, match=r"depth 10 cannot be split into num_stages=4.*\[1, 2, 5, 10\]"):
         stage_taps(10, 4)
+
+
+def test_default_stage_count_is_the_papers_where_it_fits():
+    assert default_num_stages(12, 12) == 4 and default_num_stages(24, 12) == 4
+    assert default_num_stages(6, 12) == 3  # the default student (nano) under the default teacher (ViT-Ti)
+    assert default_num_stages(6, 4) == 2 and default_num_stages(5, 12) == 1
+    task = make_task(student_depth=6, teacher_depth=4, num_stages=None)
+    assert task.student_taps == [2, 5] and task.teacher_taps == [1, 3]
 
 
 def test_student_and_teacher_depths_may_differ():

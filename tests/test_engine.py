@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import _engine_worker as W
-from vitlinearizer.checkpoint import STATE_FILE, list_checkpoints, load_latest_checkpoint
+from vitlinearizer.checkpoint import STATE_FILE, CheckpointError, list_checkpoints, load_latest_checkpoint
 from vitlinearizer.engine import (
     EpochBatchSampler,
     SeededDataset,
@@ -196,9 +196,17 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, reference):
     assert info.value.checkpoint.name == "step_00000004"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] is True
+    # Starting over without --resume would delete these checkpoints: refused, naming the fix.
+    with pytest.raises(CheckpointError, match=r"checkpoints of an earlier run \(newest: step_00000004\).*--resume"):
+        W.train(tmp_path)
+    # Records logged after the checkpoint (a hard kill) and a line cut short by the crash are logged afresh.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n" + '{"step": 8, "lo')
     # Resume with data workers this time: augmentation must not depend on the worker count.
     summary, _ = W.train(tmp_path, resume=True, cfg={"num_workers": 2})
     assert summary["steps"] == 12
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 12 and 6 in steps
     model, ema = W.final_state(tmp_path)
     assert_same(model, reference[0])
     assert_same(ema, reference[1])

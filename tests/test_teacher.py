@@ -1,6 +1,8 @@
 """Tests for the frozen ViT teacher adapter (tiny models, CPU only, no downloads)."""
+import argparse
 import pickle
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -58,6 +60,10 @@ class _Payload:
         return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
 
 
+class _Settings:
+    """A harmless class: still refused, as the loader cannot tell it from one that runs code."""
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -89,6 +95,74 @@ def test_round_trip_torch_formats(tmp_path, suffix, wrap):
         assert torch.allclose(teacher(x), src(x), atol=1e-6, rtol=0)
 
 
+def _timm_train_checkpoint(model, ema):
+    """What timm's train.py (CheckpointSaver) writes to model_best.pth.tar."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(_images()).sum().backward()
+    optimizer.step()
+    model.zero_grad()
+    args = argparse.Namespace(model=NAME, lr=0.1, epochs=3, aa=None, mean=[0.5, 0.5, 0.5], amp=False)
+    return {"epoch": 2, "arch": NAME, "optimizer": optimizer.state_dict(), "version": 2, "args": args,
+            "state_dict": model.state_dict(), "state_dict_ema": ema.state_dict(), "metric": 81.5,
+            "saver": {"checkpoint_files": [("checkpoint-2.pth.tar", 81.5)], "best_epoch": 2, "best_metric": 81.5,
+                      "pending": (2, 81.5)}}
+
+
+def _outputs_equal(teacher, src):
+    x = _images()
+    with torch.no_grad():
+        return torch.allclose(teacher(x), src(x), atol=1e-6, rtol=0)
+
+
+def test_timm_train_checkpoint_with_namespace_args(tmp_path):
+    src, ema = _source(depth=2, num_classes=5).train(), _source(seed=1, depth=2, num_classes=5)
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(_timm_train_checkpoint(src, ema), path)
+    src.eval()
+    over = {**TINY, "depth": 2, "num_classes": 5}
+    assert _outputs_equal(Teacher(NAME, weights=path, **over), src)
+    assert _outputs_equal(Teacher(NAME, weights=path, prefer_ema=True, **over), ema)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "net.", "teacher.", "backbone.", "encoder.", "model._orig_mod."])
+def test_lightning_checkpoint_with_module_prefix(tmp_path, prefix):
+    src = _source(depth=2, num_classes=5)
+    sd = {prefix + k: v for k, v in src.state_dict().items()}
+    path = _save({"epoch": 1, "global_step": 10, "pytorch-lightning_version": "2.4.0", "state_dict": sd,
+                  "optimizer_states": [], "lr_schedulers": [], "hyper_parameters": {"lr": 0.1}},
+                 tmp_path / "epoch=1-step=10.ckpt")
+    assert _outputs_equal(Teacher(NAME, weights=path, **{**TINY, "depth": 2, "num_classes": 5}), src)
+    model_keys = set(src.state_dict())
+    assert set(load_state_dict_safely(path, model_keys=model_keys)) == model_keys
+    assert set(load_state_dict_safely(path)) == set(sd)  # without the model nothing but module. is guessed
+
+
+def test_plain_state_dict_without_suffix(tmp_path):
+    src = _source(depth=2, num_classes=5)
+    path = _save(src.state_dict(), tmp_path / "weights")
+    assert _outputs_equal(Teacher(NAME, weights=path, **{**TINY, "depth": 2, "num_classes": 5}), src)
+
+
+def test_two_prefixed_models_in_one_checkpoint_are_named(tmp_path):
+    sd = _source(depth=2).state_dict()
+    both = {**{f"student.{k}": v for k, v in sd.items()}, **{f"teacher.{k}": v for k, v in sd.items()}}
+    with pytest.raises(ValueError, match="unexpected keys: student.blocks.0") as info:
+        Teacher(NAME, weights=_save({"state_dict": both}, tmp_path / "both.ckpt"), **{**TINY, "depth": 2})
+    msg = str(info.value)
+    assert "missing keys: blocks.0" in msg and "under a prefix (student., teacher.;" in msg
+
+
+@pytest.mark.parametrize("name", ["evil.pth.tar", "evil.ckpt", "evil"])
+def test_any_suffix_still_refuses_code_and_unlisted_classes(tmp_path, name):
+    marker = tmp_path / "marker.txt"
+    sd = {"w": torch.zeros(1)}
+    for args in (_Payload(marker), _Settings()):  # only argparse.Namespace is allowed
+        torch.save({"state_dict": sd, "args": args}, tmp_path / name)
+        with pytest.raises(UnsafeCheckpointError, match="refused for safety"):
+            load_state_dict_safely(tmp_path / name)
+    assert not marker.exists()
+
+
 def test_load_state_dict_safely_containers_and_errors(tmp_path):
     a, b = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
     path = _save({"model": a, "model_ema": b, "epoch": 1}, tmp_path / "ckpt.pth")
@@ -96,8 +170,13 @@ def test_load_state_dict_safely_containers_and_errors(tmp_path):
     assert torch.equal(load_state_dict_safely(path, prefer_ema=True)["w"], b["w"])
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_state_dict_safely(tmp_path / "nope.safetensors")
-    with pytest.raises(ValueError, match="unsupported checkpoint suffix"):
-        load_state_dict_safely(_save(a, tmp_path / "w.npz"))
+    assert torch.equal(load_state_dict_safely(_save(a, tmp_path / "w.npz"))["w"], a["w"])  # any suffix is torch
+    np.savez(tmp_path / "real.npz", w=np.zeros(2))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for other in ("real.npz", "notes.txt"):
+        with pytest.raises(ValueError, match="neither a .safetensors file nor a torch checkpoint") as info:
+            load_state_dict_safely(tmp_path / other)
+        assert not isinstance(info.value, UnsafeCheckpointError), other
     with pytest.raises(ValueError, match="no tensor"):
         load_state_dict_safely(_save({"epoch": 1}, tmp_path / "empty.pth"))
 

@@ -9,8 +9,12 @@ import argparse
 import json
 import sys
 import typing
+from pathlib import Path
+
+import yaml
 
 from . import config as C
+from .checkpoint import CheckpointError
 
 TRAINING_COMMANDS = {
     "train-teacher": "train a timm ViT teacher from scratch with labels (the demo's teacher)",
@@ -59,6 +63,16 @@ def resolve_config(args: argparse.Namespace, command: str) -> C.RunConfig:
     return C.build_config(values)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitlinearizer",
@@ -86,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels for image files", formatter_class=fmt)
     p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--topk", type=int, default=5, help="labels per image")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, or directories (the images below them, recursively)")
+    p.add_argument("--topk", type=_positive_int, default=5, help="labels per image (at most the class count)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--img-size", metavar="SIZE", default=None,
                    help="resize to S or HxW (a multiple of the patch size; default: the training resolution)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -103,16 +118,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import show_data_warnings_plainly
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_data_warnings_plainly()
     try:
         return _dispatch(args)
-    except (C.ConfigError, ValueError, FileNotFoundError) as exc:
+    except (C.ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"vitlinearizer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as exc:
+        print(f"vitlinearizer {args.command}: error: {_yaml_problem(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"vitlinearizer {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line naming the file (or command-line value), the position and what YAML did not understand."""
+    mark = getattr(exc, "problem_mark", None)
+    source = getattr(mark, "name", None) or ""
+    source = "a command-line value" if not source or source.startswith("<") else source  # "<unicode string>"
+    where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"invalid YAML in {where}: {problem}; check the quotes, brackets and the space after each colon"
+
+
+def _check_output_dir(path: str) -> None:
+    # Without this, a path that is (or lies under) a file fails only at the first write, after the data and the
+    # models were built.
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"output_dir {path}: {p} is a file, not a directory; pass another --output_dir")
+            return
+
+
+def _explicit_data_keys(args: argparse.Namespace) -> set[str]:
+    """data.* fields the user set (YAML or flag): eval keeps these instead of the export's own."""
+    base = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+    keys = set(base.get("data") or {}) if isinstance(base.get("data"), dict) else set()
+    return keys | {k[len("data."):] for k in overrides_from(args) if k.startswith("data.")}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -123,6 +171,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.print_config:
             print(C.dump_yaml(cfg))
             return 0
+        runner.resolve_device(cfg.device)  # an unknown device fails now, not after the data and models are built
+        _check_output_dir(cfg.output_dir.rstrip("/") + "-dry-run" if args.dry_run else cfg.output_dir)
         if args.dry_run:
             import warnings
             warnings.filterwarnings("ignore", message="teacher.weights is not set")
@@ -135,17 +185,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "eval":
         cfg = resolve_config(args, "eval")
-        print(json.dumps(runner.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device), indent=2))
+        print(json.dumps(runner.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device,
+                                         explicit=_explicit_data_keys(args)), indent=2))
         return 0
     if args.command == "predict":
         from .data import parse_size
         img_size = None if args.img_size is None else parse_size(args.img_size)
-        results = runner.predict(args.checkpoint, args.images, args.topk, args.device, img_size)
+        runner.resolve_device(args.device)
+
+        def show(r):  # as each image is done: a long list shows progress, and a later failure loses nothing
+            if "error" in r:
+                print(f"vitlinearizer predict: {r['image']}: {r['error']}", file=sys.stderr, flush=True)
+            elif not args.json:
+                print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]), flush=True)
+
+        results = runner.predict(args.checkpoint, args.images, args.topk, args.device, img_size, on_result=show)
         if args.json:
             print(json.dumps(results, indent=2))
-        for r in [] if args.json else results:
-            print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]))
-        return 0
+        failed = sum("error" in r for r in results)
+        if failed:
+            print(f"vitlinearizer predict: {failed} of {len(results)} image(s) could not be read", file=sys.stderr)
+        return 1 if failed else 0
     if args.command == "demo":
         from .demo import run_demo_from_args
         return run_demo_from_args(args)

@@ -22,6 +22,13 @@ from .distill import DistillConfig
 from .engine import TrainConfig
 
 
+def _check_model_kwargs(section: str, kwargs: dict, owned: dict[str, str]) -> None:
+    """model_kwargs must not set what the library sets from another option (it would clash or be overridden)."""
+    for key, owner in owned.items():
+        if key in kwargs:
+            raise ValueError(f"{section}.model_kwargs must not set {key!r}: {owner}")
+
+
 @dataclass
 class StudentConfig:
     model: str = "adventurer_nano_patch4_28"
@@ -30,6 +37,12 @@ class StudentConfig:
     model_kwargs: dict = field(default_factory=dict)
     checkpoint: str | None = None
 
+    def validate(self) -> None:
+        _check_model_kwargs("student", self.model_kwargs, {
+            "mixer": "use student.mixer", "drop_path_rate": "use student.drop_path_rate",
+            "img_size": "use data.img_size", "num_classes": "the class count comes from the data",
+            "use_mask_token": "distill adds the mask token itself"})
+
 
 @dataclass
 class TeacherConfig:
@@ -37,6 +50,11 @@ class TeacherConfig:
     model_kwargs: dict = field(default_factory=dict)
     weights: str | None = None
     ignore_head: bool = False
+
+    def validate(self) -> None:
+        _check_model_kwargs("teacher", self.model_kwargs, {
+            "img_size": "use data.img_size",
+            "num_classes": "the class count comes from the data (teacher.ignore_head drops a checkpoint's other head)"})
 
 
 @dataclass
@@ -70,7 +88,8 @@ HELP = {
     "output_dir": "run directory: resolved config, metrics.jsonl, checkpoints, summary.json",
     "device": "auto | cpu | cuda | cuda:N",
     "data.name": "fashion_mnist | imagefolder | synthetic",
-    "data.root": "dataset folder (imagefolder: holds train/ and val/; fashion_mnist: Debian's idx files)",
+    "data.root": "dataset folder (imagefolder: holds train/ and val/, validation/ or test/; fashion_mnist: "
+                 "Debian's idx files)",
     "data.img_size": "input size: an int or [H, W]",
     "data.mean": "normalisation mean (null: the dataset's default)",
     "data.std": "normalisation std (null: the dataset's default)",
@@ -123,7 +142,8 @@ HELP = {
     "distill.objective": "both | act | mask | none (none: supervised only)",
     "distill.mask_ratio": "fraction of student patch tokens replaced by the mask token, in (0, 1)",
     "distill.mask_type": "random | block",
-    "distill.num_stages": "K stages for activation matching (must divide both depths)",
+    "distill.num_stages": "K stages for activation matching (must divide both depths; null: the paper's 4 "
+                          "where it does, else the largest K below 4 that does)",
     "distill.act_weight": "weight of activation matching",
     "distill.mask_weight": "weight of masked prediction (lambda)",
     "distill.act_tokens": "visible | all: tokens in the similarity maps",
@@ -191,6 +211,13 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             value = yaml.safe_load(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a mapping such as {{a: 1}}, got {value!r}")
+        # YAML reads `{depth:2}` (no space after the colon) as the key 'depth:2' with no value, which timm would
+        # then silently drop, building the default architecture.
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if glued:
+            fixed = ", ".join(k.replace(":", ": ", 1) for k in glued)
+            raise ConfigError(f"{key}: {glued[0]!r} is a key without a value; YAML needs a space after each colon: "
+                              f"{{{fixed}}}")
         return dict(value)
     if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
         if isinstance(value, str):
@@ -254,7 +281,7 @@ def build_config(values: dict | None = None) -> RunConfig:
         raise ConfigError(f"unknown key '{unknown[0]}'{_suggest(unknown[0], allowed)}; allowed: {', '.join(allowed)}")
     top = {k: coerce(v, scalar_types[k], k) for k, v in top.items()}
     cfg = RunConfig(**top, **built)
-    for name in ("distill", "finetune"):
+    for name in ("student", "teacher", "distill", "finetune"):
         try:
             getattr(cfg, name).validate()
         except ValueError as exc:

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,12 +34,31 @@ DATASET_NAMES = ("fashion_mnist", "imagefolder", "synthetic")
 AUGMENTS = ("timm", "simple", "none")
 VERIFY_MODES = ("full", "header", "none")
 SPLITS = ("train", "holdout", "test")
+EVAL_SPLIT_DIRS = ("val", "validation", "test")  # ImageFolder's test split: the first of these that exists
+_LAYOUT = "a folder with train/ and val/ (or validation/ or test/)"
 _FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 class DataWarning(UserWarning):
     """Data problems that do not stop a run (skipped files, empty classes); filterable as one category."""
+
+
+def show_data_warnings_plainly() -> None:
+    """Print DataWarnings as their message alone; every other warning keeps its format. The CLI installs this:
+    data warnings are about the user's files, yet from the CLI the only frame they can point to is inside this
+    library, so the default "file:line + source line" reads like a library bug."""
+    previous = warnings.formatwarning
+    if getattr(previous, "_plain_data_warnings", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, DataWarning):
+            return f"{category.__name__}: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning._plain_data_warnings = True
+    warnings.formatwarning = formatwarning
 
 
 def _is_num(v: Any, kinds: tuple = (int, float, np.integer, np.floating)) -> bool:
@@ -111,7 +130,7 @@ class DataConfig:
             ("synthetic_length", _is_int(self.synthetic_length, 1), "must be a positive int"),
             ("seed", _is_int(self.seed, 0), "must be a non-negative int"),
             ("root", self.name != "imagefolder" or bool(self.root),
-             "is required for imagefolder: pass data.root pointing at a folder with train/ and val/"),
+             f"is required for imagefolder: pass data.root pointing at {_LAYOUT}"),
         ]
         for field, ok, rule in checks:
             if not ok:
@@ -176,9 +195,8 @@ def read_idx(path: str | os.PathLike, expected_ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=head).reshape(dims)
 
 
-@lru_cache(maxsize=4)
-def _load_fmnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    # Cached so that train, holdout and test builds decode each file once per process (~50 MB in total).
+def _fmnist_files(root: str, split: str) -> tuple[str, str]:
+    """(images, labels) paths of ``split`` in ``root``; FileNotFoundError saying how to install them."""
     stems = _FMNIST_FILES[split]  # gzipped as Debian ships them, or already gunzipped
     found = [next((p for p in (os.path.join(root, s + ".gz"), os.path.join(root, s)) if os.path.isfile(p)), None)
              for s in stems]
@@ -188,7 +206,13 @@ def _load_fmnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"Fashion-MNIST files not found in {root!r} (missing: {', '.join(missing)}). Install them with "
             f"`sudo apt-get install dataset-fashion-mnist` (puts them in {DEFAULT_FASHION_MNIST_ROOT}), "
             f"or pass a different data root (data.root) holding {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz.")
-    img_path, lbl_path = found
+    return found[0], found[1]
+
+
+@lru_cache(maxsize=4)
+def _load_fmnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    # Cached so that train, holdout and test builds decode each file once per process (~50 MB in total).
+    img_path, lbl_path = _fmnist_files(root, split)
     images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
     if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
         raise ValueError(f"{img_path} / {lbl_path}: {len(images)} images vs {len(labels)} labels, "
@@ -286,9 +310,46 @@ def _verify(path: str, size: int, mtime_ns: int, mode: str) -> Optional[str]:
 
 def _list_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir} not found: pass data.root pointing at a folder with train/ and val/")
+        raise FileNotFoundError(f"{split_dir} not found: pass data.root pointing at {_LAYOUT}")
     # Hidden folders (.ipynb_checkpoints, .git) are never classes.
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _split_classes(split_dir: Path, class_names: Optional[Sequence[str]]) -> tuple[list[str], list[str]]:
+    """(classes in label order, those without a folder in ``split_dir``); ValueError for a folder of no class."""
+    present = _list_classes(split_dir)
+    classes = list(class_names) if class_names is not None else present
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise ValueError(f"{split_dir} has class folder(s) not in the train classes: {unknown}")
+    return classes, sorted(set(classes) - set(present))
+
+
+def _eval_split_dir(root: str | os.PathLike) -> str:
+    """Name of ImageFolder's test split under ``root``: the first of EVAL_SPLIT_DIRS that exists."""
+    found = next((d for d in EVAL_SPLIT_DIRS if (Path(root) / d).is_dir()), None)
+    if found is None:
+        looked = ", ".join(d + "/" for d in EVAL_SPLIT_DIRS)
+        raise FileNotFoundError(f"no evaluation folder in {root}: looked for {looked} (the first found is used); "
+                                f"add one, or pass data.root pointing at {_LAYOUT}")
+    return found
+
+
+def _walk_class_dir(class_dir: Path) -> Iterator[tuple[str, list[str]]]:
+    """(dirpath, sorted file names) under ``class_dir``, following symlinks (datasets are often symlink farms) but
+    entering each real directory once and never one that contains ``class_dir``: a link loop (``a/loop -> ..``)
+    would otherwise list images again and again, and pull in the other classes' images under this label."""
+    top = os.path.realpath(class_dir)
+    seen = {top}
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen and os.path.commonpath([real, top]) != real:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, sorted(filenames)
 
 
 class ImageFolderDataset(VisionDataset):
@@ -304,19 +365,13 @@ class ImageFolderDataset(VisionDataset):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.root, self.split_dir = Path(root), Path(root) / split
-        present = _list_classes(self.split_dir)
-        classes = list(class_names) if class_names is not None else present
-        unknown = sorted(set(present) - set(classes))
-        if unknown:
-            raise ValueError(f"{self.split_dir} has class folder(s) not in the train classes: {unknown}")
-        missing = sorted(set(classes) - set(present))
+        classes, missing = _split_classes(self.split_dir, class_names)
         if missing:
             warnings.warn(f"{self.split_dir} lacks class folder(s) {missing}", DataWarning, stacklevel=2)
         candidates, ignored = [], []
         for label, name in enumerate(classes):
-            for dirpath, dirnames, filenames in os.walk(self.split_dir / name, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for f in sorted(filenames):
+            for dirpath, filenames in _walk_class_dir(self.split_dir / name):
+                for f in filenames:
                     path = os.path.join(dirpath, f)
                     ok = f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
                     (candidates.append((path, label)) if ok else ignored.append(path))
@@ -417,19 +472,52 @@ def _source(cfg: DataConfig, test: bool) -> VisionDataset:
         return FashionMNIST(cfg.root or DEFAULT_FASHION_MNIST_ROOT, "test" if test else "train")
     if cfg.name == "synthetic":
         return SyntheticDataset(cfg.num_classes, cfg.synthetic_length, cfg.img_size, cfg.seed, stream=int(test))
-    return ImageFolderDataset(cfg.root, "val" if test else "train", class_names=_list_classes(Path(cfg.root) / "train"),
+    classes = _list_classes(Path(cfg.root) / "train")
+    return ImageFolderDataset(cfg.root, _eval_split_dir(cfg.root) if test else "train", class_names=classes,
                               verify=cfg.verify, strict=cfg.strict)
+
+
+def _check_split(cfg: DataConfig, split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "holdout" and cfg.holdout_fraction == 0:
+        raise ValueError("split 'holdout' needs data.holdout_fraction > 0 (it is 0)")
+
+
+def check_data_source(cfg: DataConfig, splits: Sequence[str] = ("train", "test")) -> None:
+    """Raises now what :func:`build_dataset` would raise later for a missing data folder or file of ``splits``,
+    so that a run can fail before training rather than lose its result at the final evaluation.
+
+    Only folders and file names are looked at (an ImageFolder split's class folders included): no image is
+    opened or counted, so undecodable files are still found (and skipped) by ``build_dataset`` alone.
+
+    Raises:
+        FileNotFoundError: Missing Fashion-MNIST files, ``root/train/``, or all of ``root/{val,validation,test}/``.
+        ValueError: A bad config or split, a train/ without class folders, or an evaluation folder with a class
+            folder that train/ lacks.
+    """
+    for split in splits:
+        _check_split(cfg, split)
+    cfg.validate()
+    if cfg.name == "fashion_mnist":
+        for split in sorted({"test" if s == "test" else "train" for s in splits}):
+            _fmnist_files(os.path.abspath(cfg.root or DEFAULT_FASHION_MNIST_ROOT), split)
+    elif cfg.name == "imagefolder":
+        train_dir = Path(cfg.root) / "train"
+        classes = _list_classes(train_dir)  # the label mapping of every split, so needed even for "test" alone
+        if not classes:
+            raise ValueError(f"{train_dir} has no class folders: put each class's images in train/<class>/")
+        if "test" in splits:
+            _split_classes(Path(cfg.root) / _eval_split_dir(cfg.root), classes)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> VisionDataset:
     """Dataset for ``split``: "train" (augmented, minus holdout), "holdout" (seeded stratified
-    ``holdout_fraction`` of the training set) or "test" (Fashion-MNIST t10k, ImageFolder val/, synthetic
-    stream 1); capped by ``max_train_samples`` / ``max_eval_samples`` with class-balanced subsets."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    ``holdout_fraction`` of the training set) or "test" (Fashion-MNIST t10k; ImageFolder's first of ``val/``,
+    ``validation/``, ``test/``; synthetic stream 1); capped by ``max_train_samples`` / ``max_eval_samples`` with
+    class-balanced subsets. :func:`check_data_source` finds missing folders without building anything."""
+    _check_split(cfg, split)
     cfg.validate()
-    if split == "holdout" and cfg.holdout_fraction == 0:
-        raise ValueError("split 'holdout' needs data.holdout_fraction > 0 (it is 0)")
     ds = _source(cfg, test=split == "test")
     if split != "test":
         keep, hold = stratified_split(ds.targets, cfg.holdout_fraction, cfg.seed)

@@ -30,7 +30,9 @@ class DistillConfig:
     objective: str = "both"  # both | act | mask | none
     mask_ratio: float = 0.75  # fraction of patch tokens replaced by the mask token
     mask_type: str = "random"  # random (uniform per image, as MAE) | block (BEiT-style rectangles)
-    num_stages: int = 4  # K: teacher and student depths are both split into K equal stages
+    # K: teacher and student depths are both split into K equal stages; None: the paper's 4 where it divides both
+    # depths, else the largest K below 4 that does (the demo's depth-6 models: 3).
+    num_stages: int | None = None
     act_weight: float = 1.0  # weight of activation matching
     mask_weight: float = 1.0  # lambda, weight of masked prediction
     act_tokens: str = "visible"  # visible (paper) | all (leaks the target; the paper's 83.4 ablation)
@@ -52,11 +54,19 @@ class DistillConfig:
             raise ValueError(f"distill.mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
         if self.act_tokens not in ACT_TOKENS:
             raise ValueError(f"distill.act_tokens must be one of {', '.join(ACT_TOKENS)}, got {self.act_tokens!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+        if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
             raise ValueError(f"distill.num_stages must be a positive int, got {self.num_stages!r}")
         for name in ("act_weight", "mask_weight", "cls_weight", "row_block_size", "num_anchors", "smooth_l1_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+
+
+PAPER_NUM_STAGES = 4
+
+
+def default_num_stages(student_depth: int, teacher_depth: int) -> int:
+    """The paper's K=4 when it divides both depths, else the largest smaller K that does (1 always does)."""
+    return next(k for k in range(PAPER_NUM_STAGES, 0, -1) if student_depth % k == 0 and teacher_depth % k == 0)
 
 
 def stage_taps(depth: int, num_stages: int, who: str = "model") -> list[int]:
@@ -124,8 +134,9 @@ class DistillationTask(nn.Module):
         self.student = student
         self.teacher = teacher
         depth = len(student.blocks)
-        self.student_taps = stage_taps(depth, cfg.num_stages, "student")
-        self.teacher_taps = teacher.stage_indices(cfg.num_stages) if cfg.objective != "none" else []
+        self.num_stages = cfg.num_stages or default_num_stages(depth, teacher.depth)
+        self.student_taps = stage_taps(depth, self.num_stages, "student")
+        self.teacher_taps = teacher.stage_indices(self.num_stages) if cfg.objective != "none" else []
         if cfg.objective != "none" and getattr(student, "mask_token", None) is None:
             raise ValueError("the student needs a mask token for distillation; create it with use_mask_token=True")
         self.cls_weight = cfg.cls_weight if cfg.objective != "none" else 0.0

@@ -28,8 +28,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoint import (EpochBatchSampler, SeededDataset, derive_seed, gather_rng_states, load_latest_checkpoint,
-                         restore_rng_state, restore_training_state, save_training_checkpoint, seed_all,
+from .checkpoint import (CheckpointError, EpochBatchSampler, SeededDataset, derive_seed, gather_rng_states,
+                         list_checkpoints, load_latest_checkpoint, restore_rng_state, restore_training_state, save_training_checkpoint, seed_all,
                          worker_ignore_sigint, write_text_atomic)
 
 __all__ = [
@@ -297,8 +297,17 @@ class Trainer:
         """
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not (resume and self._resume()):
+        earlier = list_checkpoints(self.ckpt_dir)
+        if earlier and not resume:
+            # Starting over would delete them (only the newest are kept) and mix two runs' metrics.
+            raise CheckpointError(
+                f"{self.run_dir} holds checkpoints of an earlier run (newest: {earlier[-1].name}); pass --resume to "
+                "continue it, or another --output_dir (or delete this one) to start over")
+        if resume and self._resume():
+            self._trim_metrics(self.step)
+        else:
             seed_all(derive_seed(self.cfg.seed, self.rank, 2))
+            self._trim_metrics(-1)  # a fresh run: records of an earlier one without checkpoints go
         t0, self._images, self._stop_signal, previous = time.perf_counter(), 0, None, {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -422,6 +431,16 @@ class Trainer:
             bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_s']:.1f}")
             self._append_metrics(rec)
 
+    def _trim_metrics(self, step: int) -> None:
+        """Keep only the metrics records up to ``step``: a resumed run logs the steps after its checkpoint again."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        if len(kept) != len(lines):
+            write_text_atomic(path, "".join(kept))
+
     def _append_metrics(self, rec: dict[str, Any]) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -499,6 +518,14 @@ class Trainer:
         if self.rank == 0:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one metrics.jsonl record; None for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- evaluation

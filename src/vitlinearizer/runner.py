@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import (derive_seed, export_model, pretrained_cfg_overlay, read_export_metadata, seed_all,
-                         update_pretrained_cfg, write_text_atomic)
-from .config import RunConfig, dump_yaml
-from .data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
+from .checkpoint import (CheckpointError, derive_seed, export_model, pretrained_cfg_overlay, read_export_metadata,
+                         seed_all, update_pretrained_cfg, write_text_atomic)
+from .config import RunConfig, StudentConfig, dump_yaml
+from .data import DataConfig, build_dataset, build_transform, check_data_source, dataset_info, load_rgb
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
@@ -32,9 +32,15 @@ from .teacher import Teacher, load_state_dict_safely
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:  # torch's text lists every backend it was built with
+        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r} but there are only {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
     return device
 
 
@@ -55,6 +61,9 @@ def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataCon
         "std": list(info["std"]),
         "interpolation": data.interpolation,
         "crop_pct": data.crop_pct,
+        # The holdout split the run trained without: `eval --split holdout` rebuilds exactly that split.
+        "holdout_fraction": data.holdout_fraction,
+        "data_seed": data.seed,
     }
 
 
@@ -116,7 +125,10 @@ def _seed_initialisation(cfg: RunConfig) -> None:
     seed_all(derive_seed(cfg.train.seed, 3))  # 3: a stream apart from the engine's (data order 1, training 2)
 
 
-def _datasets(cfg: RunConfig):
+def _datasets(cfg: RunConfig, test: bool = True):
+    """Dataset info, the training set and the holdout set; ``test``: the run ends with a test evaluation, whose
+    data must then exist before training starts (not be found missing after it)."""
+    check_data_source(cfg.data, ("train", "test") if test else ("train",))
     info = dataset_info(cfg.data)
     train = build_dataset(cfg.data, "train")
     holdout = build_dataset(cfg.data, "holdout") if cfg.data.holdout_fraction > 0 else None
@@ -132,6 +144,7 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
                       model_name: str, model_kwargs: dict, filename: str) -> dict:
     """Train ``task``, export its student (the EMA copy when EMA is on) with metadata, test it, write the summary."""
     run_dir = Path(cfg.output_dir)
+    previous_config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
     _write_config(cfg, run_dir)
     eval_fn = None
     if holdout is not None:
@@ -140,6 +153,11 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=resolve_device(cfg.device))
     try:
         summary = trainer.fit(resume=resume)
+    except CheckpointError:
+        # Refused before any step: the directory keeps describing the run its checkpoints belong to.
+        if previous_config is not None and trainer.rank == 0:
+            write_text_atomic(run_dir / "config.yaml", previous_config)
+        raise
     finally:
         cleanup_distributed()
     if trainer.rank != 0:
@@ -159,6 +177,34 @@ def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, test
     return summary
 
 
+def resolve_student(cfg: RunConfig) -> RunConfig:
+    """The config with the student's architecture taken from ``student.checkpoint``'s export metadata, where the
+    config leaves it at the default: a distilled student is fine-tuned as what it is, without repeating its
+    model, mixer and model_kwargs. Options set in the config take precedence (and must fit the weights)."""
+    path = cfg.student.checkpoint
+    meta = read_export_metadata(path) if path and str(path).endswith(".safetensors") and Path(path).is_file() else None
+    if not meta or "model" not in meta:
+        return cfg
+    stored = dict(meta.get("model_kwargs") or {})
+    defaults = StudentConfig()
+    cfg = copy.deepcopy(cfg)
+    if cfg.student.model == defaults.model:
+        cfg.student.model = meta["model"]
+    stored_mixer = stored.pop("mixer", None)
+    if stored_mixer is not None and cfg.student.mixer == defaults.mixer:
+        cfg.student.mixer = stored_mixer
+    cfg.student.model_kwargs = {**stored, **cfg.student.model_kwargs}
+    return cfg
+
+
+def _stored_grid(path: str, model: nn.Module) -> tuple[int, int] | None:
+    meta = read_export_metadata(path) if str(path).endswith(".safetensors") else None
+    if not meta or "img_size" not in meta:
+        return None
+    (height, width), (ph, pw) = meta["img_size"], model.patch_embed.patch_size
+    return height // ph, width // pw
+
+
 def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.Module:
     kwargs = dict(cfg.student.model_kwargs)
     kwargs.update(mixer=cfg.student.mixer, drop_path_rate=cfg.student.drop_path_rate)
@@ -172,15 +218,25 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
         raise
     model.patch_grid(*_img_size(cfg.data))  # a resolution that does not fit the patch size fails here
     if cfg.student.checkpoint:
-        state = load_state_dict_safely(cfg.student.checkpoint)
-        state = checkpoint_filter_fn(state, model)  # resamples the position embedding to this resolution
+        state = load_state_dict_safely(cfg.student.checkpoint, model_keys=model.state_dict().keys())
+        # Resamples the position embedding to this resolution.
+        state = checkpoint_filter_fn(state, model, _stored_grid(cfg.student.checkpoint, model))
+        own = model.state_dict()
         head = {k for k in state if k.startswith("head.")}
-        if any(state[k].shape != v.shape for k, v in model.state_dict().items() if k in head):
+        if any(state[k].shape != v.shape for k, v in own.items() if k in head):
             state = {k: v for k, v in state.items() if k not in head}  # another class count: keep our new head
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        bad = [k for k in missing if not k.startswith(("head.", "mask_token"))] + list(unexpected)
-        if bad:
-            raise ValueError(f"student.checkpoint {cfg.student.checkpoint} does not fit {cfg.student.model}: {bad[:10]}")
+        mismatched = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} here"
+                      for k, v in state.items() if k in own and v.shape != own[k].shape]
+        missing = [k for k in own if k not in state and not k.startswith(("head.", "mask_token"))]
+        unexpected = [k for k in state if k not in own and k != "mask_token"]
+        problems = mismatched + [f"{k}: not in the file" for k in missing] + [f"{k}: not in the model" for k in unexpected]
+        if problems:
+            raise ValueError(
+                f"student.checkpoint {cfg.student.checkpoint} does not fit student.model {cfg.student.model} with "
+                f"mixer={cfg.student.mixer} and model_kwargs={cfg.student.model_kwargs} ({len(problems)} tensors): "
+                f"{'; '.join(problems[:5])}. Set student.model, student.mixer and student.model_kwargs as the "
+                "checkpoint was trained (an export of this library sets them itself when they are left at their defaults)")
+        model.load_state_dict(state, strict=False)
     return model
 
 
@@ -224,8 +280,9 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
 
 def distill(cfg: RunConfig, resume: bool = False) -> dict:
     """Distil the teacher into the student (activation matching + masked prediction); no labels used."""
+    cfg = resolve_student(cfg)
     _seed_initialisation(cfg)
-    info, train_ds, _ = _datasets(cfg)
+    info, train_ds, _ = _datasets(cfg, test=False)
     student = build_student(cfg, info["num_classes"], use_mask_token=True)
     # Distillation matches features only: a headless teacher, so a checkpoint trained on other classes
     # (e.g. ImageNet's 1000) needs no --teacher.ignore_head.
@@ -237,6 +294,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
 
 def finetune(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint."""
+    cfg = resolve_student(cfg)
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=False)
@@ -249,21 +307,125 @@ def finetune(cfg: RunConfig, resume: bool = False) -> dict:
                              dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")
 
 
+# What an export's metadata fixes about the input: eval and predict take these from the file, as it was trained.
+_PREPROCESSING = ("img_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def _export_preprocessing(data: DataConfig, meta: dict, explicit=None) -> DataConfig:
+    """``data`` with the export's preprocessing in every field of ``_PREPROCESSING`` not in ``explicit`` (the
+    fields a user set); ``explicit=None`` counts a field as set when it differs from DataConfig's default."""
+    default = DataConfig()
+    for field in _PREPROCESSING:
+        given = field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
+        if not given and meta.get(field) is not None:
+            setattr(data, field, tuple(meta[field]) if isinstance(meta[field], list) else meta[field])
+    return data.validate()
+
+
+def _warn_if_untrained_head(checkpoint, meta: dict) -> None:
+    # distill trains the features only: the head keeps its random initialisation, so its labels are noise.
+    if meta.get("kind") == "distilled-student":
+        warnings.warn(f"{checkpoint} is a distilled, not fine-tuned, student: its classification head is untrained, "
+                      "so its labels, probabilities and accuracy mean nothing; run `vitlinearizer finetune "
+                      f"--student.checkpoint {checkpoint} ...` first and use that run's export", UserWarning,
+                      stacklevel=3)
+
+
+def _recorded_split(checkpoint, meta: dict) -> dict | None:
+    """holdout_fraction and seed of the data the export was trained on: from its metadata, else from the
+    config.yaml of its run directory (when that run built this model); None when neither records them."""
+    if meta.get("holdout_fraction") is not None:
+        return {"holdout_fraction": meta["holdout_fraction"], "seed": meta.get("data_seed", DataConfig().seed)}
+    path = Path(checkpoint).parent / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+    try:
+        run = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    role = "teacher" if meta.get("kind") == "teacher" else "student"
+    if not isinstance(run, dict) or (run.get(role) or {}).get("model") != meta.get("model"):
+        return None  # a config.yaml of some other run
+    data = run.get("data") or {}
+    default = DataConfig()
+    return {"holdout_fraction": data.get("holdout_fraction", default.holdout_fraction),
+            "seed": data.get("seed", default.seed)}
+
+
+def _use_recorded_split(checkpoint, meta: dict, data: DataConfig, explicit=None) -> None:
+    """Set data.holdout_fraction/seed to the training run's, so that the holdout split is the images the model
+    was not trained on; a value the user set is kept, with a warning where it differs."""
+    recorded = _recorded_split(checkpoint, meta)
+    if recorded is None:
+        warnings.warn(f"{checkpoint} does not record the holdout split it was trained with (neither its metadata "
+                      f"nor a config.yaml of its run beside it): using data.holdout_fraction={data.holdout_fraction} "
+                      f"and data.seed={data.seed}; if training used others, this 'holdout' overlaps the training "
+                      "images", UserWarning, stacklevel=3)
+        return
+    default = DataConfig()
+    for field, value in recorded.items():
+        given = field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
+        if not given:
+            setattr(data, field, value)
+        elif getattr(data, field) != value:
+            warnings.warn(f"data.{field}={getattr(data, field)!r} but {checkpoint} was trained with {value!r}: this "
+                          "'holdout' overlaps the training images; omit the option to use the training split",
+                          UserWarning, stacklevel=3)
+    if data.holdout_fraction == 0:
+        raise ValueError(f"{checkpoint} was trained on the whole training set (holdout_fraction 0), so it has no "
+                         "holdout split; evaluate it on --split test")
+
+
+def _eval_dataset(data: DataConfig, split: str, classes):
+    """The split with the eval transform whatever the split (augmentation draws would change the numbers from
+    run to run); an ImageFolder test split takes the export's classes when there is no train/ to read them from."""
+    from .data import ImageFolderDataset, _eval_split_dir, _list_classes, balanced_subset
+
+    root = Path(data.root) if data.root else None
+    if data.name == "imagefolder" and split == "test" and classes and not (root / "train").is_dir():
+        folder = _eval_split_dir(root)
+        unknown = sorted(set(_list_classes(root / folder)) - set(classes))
+        if unknown:
+            raise ValueError(f"{root / folder} has class folder(s) the model was not trained on: {unknown}; the "
+                             f"model's classes are {list(classes)}")
+        ds = ImageFolderDataset(root, folder, class_names=classes, verify=data.verify, strict=data.strict)
+        if data.max_eval_samples is not None and data.max_eval_samples < len(ds):
+            ds = ds.subset(balanced_subset(ds.targets, data.max_eval_samples, data.seed))
+    else:
+        try:
+            ds = build_dataset(data, split)
+        except FileNotFoundError as exc:
+            if data.name == "fashion_mnist" and root and any((root / s).is_dir() for s in ("train", "val")):
+                raise FileNotFoundError(f"data.name is fashion_mnist but {root} looks like an ImageFolder tree (it "
+                                        f"has train/ or val/): pass --data.name imagefolder ({exc})") from exc
+            raise
+    ds.transform = build_transform(data, train=False)
+    return ds
+
+
 def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
     """Accuracy of the configured teacher (``teacher.weights``) on a split of ``cfg.data``."""
     info = dataset_info(cfg.data)
     teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
-    return evaluate_classifier(teacher, build_dataset(cfg.data, split), cfg.train.batch_size * 2)
+    dataset = build_dataset(cfg.data, split)
+    dataset.transform = build_transform(cfg.data, train=False)  # the train split too: no augmentation draws
+    return evaluate_classifier(teacher, dataset, cfg.train.batch_size * 2)
 
 
 def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batch_size: int = 256,
-             device: str = "auto") -> dict:
-    """Top-1/top-5 of an exported model on a split of ``data`` (preprocessing from the model's metadata)."""
+             device: str = "auto", explicit=None) -> dict:
+    """Top-1/top-5 of an exported model on a split of ``data``, always with the eval transform.
+
+    Preprocessing (img_size, mean, std, interpolation, crop_pct) comes from the model's metadata and, for
+    ``split="holdout"``, holdout_fraction/seed from the training run's record, except for the data fields named
+    in ``explicit`` (None: the fields that differ from DataConfig's defaults)."""
     model, meta = load_exported_model(checkpoint, resolve_device(device))
-    data.img_size = tuple(meta["img_size"]) if data.img_size == DataConfig().img_size else data.img_size
-    data.mean, data.std = meta["mean"], meta["std"]
-    data.validate()
-    dataset = build_dataset(data, split)
+    _warn_if_untrained_head(checkpoint, meta)
+    _export_preprocessing(data, meta, explicit)
+    if split == "holdout":
+        _use_recorded_split(checkpoint, meta, data, explicit)
+    dataset = _eval_dataset(data, split, meta.get("classes"))
     if dataset.num_classes != meta["num_classes"]:
         raise ValueError(f"the data has {dataset.num_classes} classes but the model predicts {meta['num_classes']}")
     if dataset.classes != list(meta["classes"]):  # same count, other labels: the accuracy would be meaningless
@@ -275,28 +437,79 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
 
 
+def _image_files(images) -> list[str]:
+    """The files ``images`` names, a directory standing for the images below it (sorted, recursive, with the
+    extensions ImageFolder reads); every missing path is checked before any work, and all are named."""
+    from .data import IMG_EXTENSIONS
+
+    missing = [str(p) for p in images if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image path(s) do not exist: {', '.join(missing)}")
+    files = []
+    for path in map(Path, images):
+        if not path.is_dir():
+            files.append(str(path))
+            continue
+        found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        if not found:
+            raise FileNotFoundError(f"directory {path} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        files += found
+    return files
+
+
+def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
+    """Run a model without ``patch_grid`` (a timm ViT teacher) at another input size: timm resamples its
+    position embedding; a size that does not fit the patch size is refused (timm would silently crop it)."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if not hasattr(model, "set_input_size") or patch is None:
+        raise ValueError(f"{type(model).__name__} runs only at the size it was trained at; omit --img-size")
+    (ph, pw), (h, w) = patch, img_size
+    if h % ph or w % pw:
+        fit = (max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw))
+        raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+                         f"resize or crop to a multiple, e.g. {fit[0]}x{fit[1]}")
+    model.set_input_size(img_size=img_size)
+
+
 def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto",
-            img_size: tuple[int, int] | None = None) -> list[dict]:
-    """Top-k labels with probabilities for image files, resized to ``img_size`` (default: the size the model was
-    trained at; Adventurer students run at any multiple of their patch size)."""
+            img_size: tuple[int, int] | None = None, on_result=None) -> list[dict]:
+    """Top-k labels with probabilities for image files (a directory: the images below it), resized to
+    ``img_size`` (default: the size the model was trained at; Adventurer students run at any multiple of their
+    patch size, ViT teachers too, by resampling their position embedding).
+
+    Paths that do not exist fail before any work. An image that cannot be decoded gives
+    ``{"image", "error"}`` instead of ``{"image", "top"}`` and the others are still classified;
+    ``on_result(result)`` is called with each result as soon as it is computed."""
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    files = _image_files(images)
     model, meta = load_exported_model(checkpoint, resolve_device(device))
+    _warn_if_untrained_head(checkpoint, meta)
     img_size = tuple(meta["img_size"]) if img_size is None else tuple(img_size)
     if hasattr(model, "patch_grid"):
         model.patch_grid(*img_size)  # a size that does not fit the patch size fails here, naming the fix
-    data = DataConfig(name="synthetic", img_size=img_size, mean=meta["mean"], std=meta["std"],
-                      interpolation=meta["interpolation"], crop_pct=meta["crop_pct"])
+    elif img_size != tuple(meta["img_size"]):
+        _set_input_size(model, img_size)
+    data = _export_preprocessing(DataConfig(name="synthetic", img_size=img_size), meta, explicit={"img_size"})
     transform = build_transform(data, train=False)
     k = min(topk, meta["num_classes"])
     results = []
-    for path in images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        x = transform(load_rgb(path)).unsqueeze(0).to(next(model.parameters()).device)
-        with torch.no_grad():
-            probs = model(x).float().softmax(-1)[0]
-        top = probs.topk(k)
-        results.append({"image": str(path), "top": [
-            {"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ]})
+    for path in files:
+        try:
+            image = load_rgb(path)
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for a bad file
+            result = {"image": path, "error": f"cannot read the image ({type(exc).__name__}: {exc})"}
+        else:
+            x = transform(image).unsqueeze(0).to(next(model.parameters()).device)
+            with torch.no_grad():
+                probs = model(x).float().softmax(-1)[0]
+            top = probs.topk(k)
+            result = {"image": path, "top": [
+                {"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
+                for p, i in zip(top.values.tolist(), top.indices.tolist())
+            ]}
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
     return results

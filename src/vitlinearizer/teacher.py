@@ -6,11 +6,12 @@ are read only through :func:`load_state_dict_safely`, which never unpickles arbi
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import pickle
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Collection, NamedTuple, Optional, Sequence, Union
 
 import timm
 import torch
@@ -24,7 +25,8 @@ __all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "TeacherOutput", "
 
 _CONTAINER_KEYS = ("state_dict", "model", "module")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
-_PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+# timm's train.py stores its argparse.Namespace under "args"; a Namespace only sets attributes on unpickling.
+_SAFE_GLOBALS = [argparse.Namespace]
 _NOT_VIT = "teacher must be a ViT-family timm model with patch tokens"
 
 
@@ -32,20 +34,26 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint needs arbitrary Python objects (i.e. code execution) to load."""
 
 
-def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False) -> dict[str, torch.Tensor]:
+def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False,
+                           model_keys: Optional[Collection[str]] = None) -> dict[str, torch.Tensor]:
     """Loads a tensor state dict without ever executing code from the file.
 
     Args:
-        path: ``.safetensors`` file, or ``.pth``/``.pt``/``.bin`` torch checkpoint.
+        path: ``.safetensors`` file; any other name (``.pth``, ``.pt``, ``.bin``, timm's ``.pth.tar``, Lightning's
+            ``.ckpt``, no suffix) is read as a torch checkpoint that may hold only tensors and plain data.
         prefer_ema: Pick ``model_ema``/``state_dict_ema`` over raw weights when both exist.
+        model_keys: State-dict keys of the model the weights are for. Key prefixes shared by every key are then
+            removed as far as that makes more keys match (Lightning's ``model.``, ``net.``, ...); without them
+            only DDP's ``module.`` is.
 
     Returns:
-        Name -> CPU tensor; training containers (``state_dict``, ``model``, ...) and ``module.`` removed.
+        Name -> CPU tensor; training containers (``state_dict``, ``model``, ...) and wrapper prefixes
+        (``module.``; with ``model_keys`` also e.g. Lightning's ``model.``) removed.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UnsafeCheckpointError: The pickle holds arbitrary objects (``ValueError`` subclass).
-        ValueError: Unsupported suffix, unreadable file or no tensors inside.
+        ValueError: Unreadable file or no tensors inside.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,19 +63,8 @@ def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False) -> 
         from safetensors.torch import load_file
 
         obj = load_file(str(path), device="cpu")
-    elif suffix in _PICKLE_SUFFIXES:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch's own text suggests weights_only=False, the opposite of what we want; keep its cause.
-            why = str(e).partition("WeightsUnpickler error:")[2].split(". ")[0].strip() or str(e)
-            raise UnsafeCheckpointError(
-                f"refusing to load {path}: it contains arbitrary Python objects, and unpickling them "
-                "could execute code, so it was refused for safety. Convert it to .safetensors in a "
-                f"trusted environment (safetensors.torch.save_file). Loader said: {why}") from None
     else:
-        raise ValueError(f"unsupported checkpoint suffix {suffix!r} for {path}; "
-                         f"use .safetensors or one of {', '.join(_PICKLE_SUFFIXES)}")
+        obj = _torch_load_weights_only(path)
     keys = _EMA_KEYS + _CONTAINER_KEYS if prefer_ema else _CONTAINER_KEYS + _EMA_KEYS
     # Training checkpoints nest weights, sometimes twice (e.g. {"model": {"module": ...}}).
     while isinstance(obj, dict):
@@ -79,9 +76,67 @@ def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False) -> 
     if not tensors:
         found = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} holds no tensor state dict (found: {found})")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
-    return tensors
+    return _strip_wrapper_prefix(tensors, model_keys)
+
+
+def _torch_load_weights_only(path: Path):
+    not_torch = (f"{path} is neither a .safetensors file nor a torch checkpoint (torch.save, timm .pth.tar, "
+                 "Lightning .ckpt) that loads with weights_only=True")
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own text suggests weights_only=False, the opposite of what we want; keep its cause.
+        why = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].split("\n")[0] or str(e)
+        with open(path, "rb") as f:
+            if not f.read(4).startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip, or protocol-2+ pickle
+                raise ValueError(f"{not_torch}; loader said: {why}") from None
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it contains arbitrary Python objects, and unpickling them "
+            "could execute code, so it was refused for safety. Convert it to .safetensors in a "
+            f"trusted environment (safetensors.torch.save_file). Loader said: {why}") from None
+    except Exception as e:  # other files fail anywhere in torch's reader: RuntimeError, KeyError, EOFError, ...
+        raise ValueError(f"{not_torch}; loader said: {type(e).__name__}: {e}") from e
+
+
+def _strip_wrapper_prefix(sd: dict[str, torch.Tensor],
+                          model_keys: Optional[Collection[str]] = None) -> dict[str, torch.Tensor]:
+    """Removes leading key components that every key shares and that only wrap the model.
+
+    With ``model_keys``, as many shared components go (Lightning's ``model.``, ``net.``, ``backbone.``,
+    ``model.module.``, ...) as make the most keys match the model. Otherwise, or when no depth matches any key
+    (a layout only timm's checkpoint filter understands, e.g. OpenAI CLIP's ``visual.``), only DDP's ``module.``.
+    """
+    shared = _shared_components(sd)
+    fits = [sum(k.split(".", j)[-1] in model_keys for k in sd) for j in range(len(shared) + 1)] if model_keys else [0]
+    if max(fits) > 0:
+        depth = fits.index(max(fits))  # the first maximum: strip no more than needed
+    else:
+        depth = 1 if shared[:1] == ["module"] else 0
+    return {k.split(".", depth)[-1]: v for k, v in sd.items()} if depth else sd
+
+
+def _prefix_hint(unexpected: Sequence[str], model_keys: Collection[str]) -> list[str]:
+    """A line naming the prefixes under which unexpected keys hold model keys, e.g. from a Lightning module that
+    holds both a student ``model.`` and a ``teacher.``: only a prefix on every key is removed automatically."""
+    prefixed = {k: k[:-len(rest)] for k in unexpected for j in range(k.count("."), 0, -1)
+                for rest in [k.split(".", j)[-1]] if rest in model_keys}  # the shortest prefix wins
+    if not prefixed:
+        return []
+    prefixes = sorted(set(prefixed.values()))
+    return [f"  {len(prefixed)} unexpected key(s) are model keys under a prefix ({', '.join(prefixes[:5])}; e.g. "
+            f"{next(iter(prefixed))}); a prefix is removed automatically only when every key shares it, so save "
+            f"just the teacher's weights without it, e.g. {{k.removeprefix({prefixes[0]!r}): v ...}} to .safetensors"]
+
+
+def _shared_components(keys: Collection[str]) -> list[str]:
+    """Leading dotted components that all ``keys`` share, never a whole key ({"a.b.x", "a.b.y"} -> ["a", "b"])."""
+    shared = []
+    for column in zip(*(k.split(".")[:-1] for k in keys)):
+        if len(set(column)) != 1:
+            break
+        shared.append(column[0])
+    return shared
 
 
 class TeacherOutput(NamedTuple):
@@ -162,7 +217,8 @@ class Teacher(nn.Module):
         self.train(False)
 
     def _load_weights(self, path: Path, ignore_head: bool, prefer_ema: bool) -> None:
-        sd = load_state_dict_safely(path, prefer_ema=prefer_ema)
+        expected = self.model.state_dict()
+        sd = load_state_dict_safely(path, prefer_ema=prefer_ema, model_keys=set(expected))
         family = importlib.import_module(timm.models.model_entrypoint(self.model_name).__module__)
         filter_fn = getattr(family, "checkpoint_filter_fn", None)
         if filter_fn is not None:
@@ -173,7 +229,6 @@ class Teacher(nn.Module):
                 raise ValueError(f"timm could not adapt {path} to {self.model_name!r}: {e}") from e
         heads = self.model.pretrained_cfg.get("classifier") or "head"  # ("head", "head_dist") for DeiT
         head_prefixes = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
-        expected = self.model.state_dict()
         drop_head = ignore_head or getattr(self.model, "num_classes", None) == 0  # headless: features only
         if drop_head:
             sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
@@ -192,6 +247,7 @@ class Teacher(nn.Module):
                 lines.append(f"  the classifier head does not fit (checkpoint head outputs: {n}); pass "
                              "num_classes to match it, or ignore_head=True (CLI: --teacher.ignore_head true) to drop the "
                              "head weights")
+            lines += _prefix_hint(unexpected, expected)
             raise ValueError("\n".join(lines))
         self.model.load_state_dict(sd, strict=not drop_head)
         # A teacher trained by this library was trained on inputs normalised with its data's statistics, which

@@ -48,6 +48,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16
 # First guesses of the achieved FLOP rate, used to budget a configuration before anything was measured.
 RATE_GUESS = {("cpu", "float32"): 40e9, ("cpu", "bfloat16"): 6e9, ("cpu", "float16"): 3e9,
               ("cuda", "float32"): 20e12, ("cuda", "bfloat16"): 150e12, ("cuda", "float16"): 150e12}
+# Not benchmarks/results: a quick run would overwrite the results the repository publishes (pass --output-dir
+# benchmarks/results to update those on purpose).
+DEFAULT_OUTPUT_DIR = "runs/bench"
 QUICK = dict(pairs=["demo"], sizes=["32", "64"], dtypes=["float32"], repeats=2, batch=2, warmup=1,
              time_budget=60.0, max_minutes=3.0)
 
@@ -84,7 +87,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "keeps them from stealing the core of the thread doing the work; inherit: leave "
                              "the environment as it is)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--output-dir", default="benchmarks/results", help="where the JSON/markdown/plot go")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the JSON/markdown/plot go")
     parser.add_argument("--tag", default=argparse.SUPPRESS, help="file name stem (default: bench_<device>[_<gpu name>])")
     parser.add_argument("--quick", action="store_true",
                         help="CI smoke test: demo pair at 32 and 64 px, float32, 2 repeats, batch 2")
@@ -118,7 +121,7 @@ class BenchOptions:
     max_minutes: float = 12.0
     memory: bool = True
     omp_wait_policy: str = "passive"
-    output_dir: str = "benchmarks/results"
+    output_dir: str = DEFAULT_OUTPUT_DIR
     tag: str | None = None
     command: list[str] = field(default_factory=list)
 

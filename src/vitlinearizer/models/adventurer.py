@@ -483,9 +483,13 @@ def timm_pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def checkpoint_filter_fn(state_dict: dict, model: Adventurer) -> dict:
+def checkpoint_filter_fn(state_dict: dict, model: Adventurer, grid: tuple[int, int] | None = None) -> dict:
     """Map a saved state dict onto ``model``: unwrap containers, resample the position embedding (a mask token
-    the model does not have is dropped by :meth:`Adventurer._load_from_state_dict`)."""
+    the model does not have is dropped by :meth:`Adventurer._load_from_state_dict`).
+
+    ``grid``: the checkpoint's patch grid (rows, columns); needed only when it is not square, as a state dict
+    alone cannot tell 6x8 from 8x6 (an export of this library records it in its metadata).
+    """
     for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
@@ -495,7 +499,7 @@ def checkpoint_filter_fn(state_dict: dict, model: Adventurer) -> dict:
         k = k.removeprefix("module.").removeprefix("student.")
         if k == "pos_embed" and v.shape != model.pos_embed.shape:
             n = v.shape[1] - 1
-            old = (int(math.isqrt(n)),) * 2
+            old = tuple(grid) if grid is not None else (int(math.isqrt(n)),) * 2
             if old[0] * old[1] != n:
                 raise ValueError(
                     f"cannot infer the grid of a non-square pos_embed with {n} patch positions; create the model at "

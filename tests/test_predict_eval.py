@@ -1,0 +1,223 @@
+"""`vitlinearizer predict` and `eval` on exported models (random weights, no training): bad inputs, directories,
+the export's own preprocessing and holdout split, distilled students, and the CLI's one-line errors."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from vitlinearizer import config as C
+from vitlinearizer import runner
+from vitlinearizer.checkpoint import CheckpointError, export_model
+from vitlinearizer.cli import main
+from vitlinearizer.data import DataConfig, build_transform, dataset_info, load_rgb
+
+STUDENT = ("adventurer_nano_patch4_28", {"depth": 2, "embed_dim": 32, "mixer": "mamba2",
+                                         "mixer_kwargs": {"d_state": 8, "head_dim": 16}})
+TEACHER = ("vit_tiny_patch16_224", {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2})
+SYNTHETIC = ["--data.name", "synthetic", "--data.synthetic_length", "48", "--data.num_classes", "3"]
+
+
+def _export(path, kind="student", arch=STUDENT, data=None, **meta_changes):
+    data = data or DataConfig(name="synthetic", img_size=28, num_classes=3)
+    torch.manual_seed(0)
+    model = timm.create_model(arch[0], num_classes=3, img_size=data.img_size, **arch[1])
+    meta = {**runner.model_metadata(kind, arch[0], arch[1], data, dataset_info(data)), **meta_changes}
+    return str(export_model(model, path, meta))
+
+
+def _images(folder, n=2, size=(40, 31)):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        paths.append(folder / f"img{i}.png")
+        # Noise, not one colour: crops and resizes of a flat image are all the same image.
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    return [str(p) for p in paths]
+
+
+@pytest.fixture
+def student(tmp_path):
+    return _export(tmp_path / "run" / "student.safetensors")
+
+
+def test_predict_names_every_missing_path_before_any_work(student, tmp_path, capsys):
+    good = _images(tmp_path / "img")[0]
+    assert main(["predict", "--checkpoint", student, good, "nope1.jpg", str(tmp_path / "nope2.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "2 image path(s) do not exist" in err and "nope1.jpg" in err and "nope2.png" in err
+
+
+def test_predict_reports_unreadable_images_and_still_classifies_the_others(student, tmp_path, capsys):
+    good = _images(tmp_path / "img", n=2)
+    corrupt, text = tmp_path / "corrupt.jpg", tmp_path / "notes.txt"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    text.write_text("not an image")
+    argv = ["predict", "--checkpoint", student, good[0], str(corrupt), str(text), good[1]]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == good
+    assert f"{corrupt}: cannot read the image" in err and f"{text}: cannot read the image" in err
+    assert "2 of 4 image(s) could not be read" in err and "Traceback" not in err
+    assert main([*argv, "--json"]) == 1
+    results = json.loads(capsys.readouterr().out)
+    assert [("top" in r, "error" in r) for r in results] == [(True, False), (False, True), (False, True), (True, False)]
+
+
+def test_predict_expands_a_directory_to_its_images(student, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    _images(folder / "b", n=1)
+    _images(folder / "a", n=2)
+    (folder / "readme.txt").write_text("skipped: not an image extension")
+    _images(folder / ".thumbs", n=1)  # hidden, as ImageFolder skips them
+    assert main(["predict", "--checkpoint", student, "--json", str(folder)]) == 0
+    images = [r["image"] for r in json.loads(capsys.readouterr().out)]
+    assert images == [str(folder / "a" / "img0.png"), str(folder / "a" / "img1.png"), str(folder / "b" / "img0.png")]
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--checkpoint", student, str(tmp_path / "empty")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("topk", ["-1", "0", "two"])
+def test_predict_refuses_a_topk_below_one(student, tmp_path, topk, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--checkpoint", student, "--topk", topk, *_images(tmp_path / "img", n=1)])
+    assert exc.value.code == 2 and "--topk: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_predict_clamps_topk_to_the_class_count(student, tmp_path, capsys):
+    assert main(["predict", "--checkpoint", student, "--topk", "10", "--json", *_images(tmp_path / "img", n=1)]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 3
+
+
+def test_predict_runs_a_teacher_at_another_size(tmp_path, capsys):
+    teacher = _export(tmp_path / "teacher.safetensors", kind="teacher", arch=TEACHER)
+    image = _images(tmp_path / "img", n=1)
+    assert main(["predict", "--checkpoint", teacher, "--img-size", "64x48", "--json", *image]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert len(top) == 3 and sum(t["prob"] for t in top) == pytest.approx(1, abs=1e-3)
+    assert main(["predict", "--checkpoint", teacher, "--img-size", "30", *image]) == 2
+    assert "30x30 is not a multiple of the patch size 4x4; resize or crop to a multiple, e.g. 32x32" in \
+        capsys.readouterr().err
+
+
+def test_a_distilled_student_warns_that_its_head_is_untrained(tmp_path, capsys):
+    distilled = _export(tmp_path / "student.safetensors", kind="distilled-student")
+    with pytest.warns(UserWarning, match="distilled, not fine-tuned, student: its classification head is untrained"):
+        runner.predict(distilled, _images(tmp_path / "img", n=1))
+    with pytest.warns(UserWarning, match="vitlinearizer finetune --student.checkpoint"):
+        runner.evaluate(distilled, DataConfig(name="synthetic", synthetic_length=12, num_classes=3))
+
+
+def test_eval_of_the_train_split_uses_the_eval_transform(student):
+    data = dict(name="synthetic", synthetic_length=48, num_classes=3, holdout_fraction=0.0)
+    first = runner.evaluate(student, DataConfig(**data), split="train")
+    # Random crops and flips would give another loss on each call.
+    assert runner.evaluate(student, DataConfig(**data), split="train") == first
+
+
+def test_eval_takes_preprocessing_from_the_export_unless_given(tmp_path, monkeypatch):
+    ckpt = _export(tmp_path / "student.safetensors", crop_pct=0.875, interpolation="bilinear",
+                   mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7])
+    seen = []
+    monkeypatch.setattr(runner, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
+    image = load_rgb(_images(tmp_path / "img", size=(50, 37))[0])
+
+    def expected(**changes):
+        export = dict(name="synthetic", img_size=28, mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), crop_pct=0.875,
+                      interpolation="bilinear")
+        return build_transform(DataConfig(**{**export, **changes}), train=False)(image)
+
+    runner.evaluate(ckpt, DataConfig(name="synthetic", num_classes=3, synthetic_length=6))
+    assert torch.equal(seen[-1].transform(image), expected())
+    # What the user sets wins (here crop_pct=1 and a size of 32, both also DataConfig defaults or not).
+    runner.evaluate(ckpt, DataConfig(name="synthetic", num_classes=3, synthetic_length=6, crop_pct=1.0, img_size=32),
+                    explicit={"crop_pct", "img_size"})
+    assert torch.equal(seen[-1].transform(image), expected(crop_pct=1.0, img_size=32))
+
+
+def test_eval_holdout_uses_the_training_runs_split(tmp_path, capsys):
+    # The export's metadata records the split (holdout 0.25 of 48 images: 12).
+    recorded = _export(tmp_path / "recorded.safetensors", data=DataConfig(
+        name="synthetic", img_size=28, num_classes=3, holdout_fraction=0.25, seed=3))
+    assert main(["eval", "--checkpoint", recorded, "--split", "holdout", *SYNTHETIC]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+    # An export from before that record: the config.yaml of its run beside it.
+    run = tmp_path / "run"
+    ckpt = _export(run / "student.safetensors", holdout_fraction=None, data_seed=None)
+    trained = C.build_config({"data": {"name": "synthetic", "img_size": 28, "num_classes": 3, "synthetic_length": 48,
+                                       "holdout_fraction": 0.25, "seed": 3}, "student": {"model": STUDENT[0]}})
+    (run / "config.yaml").write_text(C.dump_yaml(trained))
+    assert main(["eval", "--checkpoint", ckpt, "--split", "holdout", *SYNTHETIC]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12  # 0.25 of 48, not the default 0.1
+    (run / "config.yaml").unlink()
+    with pytest.warns(UserWarning, match="does not record the holdout split"):
+        assert runner.evaluate(ckpt, DataConfig(name="synthetic", synthetic_length=48, num_classes=3),
+                               split="holdout")["n"] == 5
+
+
+def test_eval_of_an_imagefolder_needs_no_train_folder(tmp_path, capsys):
+    data = DataConfig(name="imagefolder", root=str(tmp_path), img_size=28)
+    for name in ("circle", "square", "star"):
+        _images(tmp_path / "train" / name, n=1)
+        _images(tmp_path / "val" / name, n=2)
+    ckpt = _export(tmp_path / "student.safetensors", data=data)
+    import shutil
+    shutil.rmtree(tmp_path / "train")  # the export's metadata names the classes
+    assert main(["eval", "--checkpoint", ckpt, "--data.name", "imagefolder", "--data.root", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    _images(tmp_path / "val" / "moon", n=1)
+    assert main(["eval", "--checkpoint", ckpt, "--data.name", "imagefolder", "--data.root", str(tmp_path)]) == 2
+    assert "class folder(s) the model was not trained on: ['moon']" in capsys.readouterr().err
+
+
+def test_eval_hints_at_imagefolder_for_a_folder_tree(student, tmp_path, capsys):
+    _images(tmp_path / "data" / "train" / "a", n=1)
+    assert main(["eval", "--checkpoint", student, "--data.root", str(tmp_path / "data")]) == 2
+    assert "looks like an ImageFolder tree (it has train/ or val/): pass --data.name imagefolder" in \
+        capsys.readouterr().err
+
+
+TINY = ["--data.name", "synthetic", "--data.img_size", "28", "--data.synthetic_length", "16",
+        "--data.num_classes", "3", "--train.epochs", "1", "--train.batch_size", "8", "--train.progress", "false"]
+
+
+def test_a_refused_resume_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    def refuse(cfg, resume):
+        raise CheckpointError("cannot resume run/checkpoints/step_00000004 exactly, these settings changed")
+    monkeypatch.setattr(runner, "finetune", refuse)
+    assert main(["finetune", *TINY, "--output_dir", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: cannot resume" in err
+
+
+def test_broken_yaml_names_the_file_or_the_value(tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("train:\n  epochs: [1, 2\n")
+    assert main(["finetune", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "Traceback" not in err
+    assert main(["finetune", *TINY, "--student.model_kwargs", "{depth: [2", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid YAML in a command-line value" in err and err.count("\n") == 1
+
+
+def test_an_output_dir_that_is_a_file_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    for out in ("taken", "taken/run"):
+        assert main(["finetune", *TINY, "--output_dir", str(tmp_path / out)]) == 2
+        assert f"{tmp_path / 'taken'} is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["finetune", *TINY, "--device", "gpu"],
+    ["eval", "--checkpoint", "x.safetensors", "--device", "gpu"],
+    ["predict", "--checkpoint", "x.safetensors", "--device", "gpu", "x.png"],
+])
+def test_an_unknown_device_is_refused_early(tmp_path, argv, capsys):
+    assert main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] == "finetune" else argv) == 2
+    assert "device='gpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,44 @@
+"""A run directory belongs to one run: starting over in it, or resuming it with other settings, is refused
+before anything in it changes."""
+import yaml
+
+from vitlinearizer.cli import main
+
+TINY = [
+    "--data.name", "synthetic", "--data.img_size", "28", "--data.synthetic_length", "32", "--data.num_classes", "3",
+    "--data.holdout_fraction", "0", "--train.epochs", "1", "--train.batch_size", "8", "--train.progress", "false",
+    "--student.model_kwargs", "{depth: 2, embed_dim: 32, mixer_kwargs: {d_state: 8, head_dim: 16}}",
+]
+
+
+def test_a_run_directory_is_not_started_over_or_resumed_differently(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["finetune", *TINY, "--output_dir", str(run)]) == 0
+    config = (run / "config.yaml").read_text()
+    metrics = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    assert main(["finetune", *TINY, "--output_dir", str(run), "--train.lr", "0.1"]) == 2
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
+    assert main(["finetune", *TINY, "--output_dir", str(run), "--train.batch_size", "4", "--resume"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    # Both refusals left the directory describing the run its checkpoints belong to.
+    assert (run / "config.yaml").read_text() == config
+    assert yaml.safe_load(config)["train"]["batch_size"] == 8
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_missing_evaluation_folder_fails_before_training(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / "data" / "train" / name / f"{i}.png")
+    run = tmp_path / "run"
+    args = ["--data.name", "imagefolder", "--data.root", str(tmp_path / "data"), "--data.img_size", "28",
+            "--output_dir", str(run), *TINY[8:]]
+    assert main(["finetune", *args]) == 2
+    assert "no evaluation folder" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()
