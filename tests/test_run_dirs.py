@@ -42,3 +42,6 @@ def test_a_missing_evaluation_folder_fails_before_training(tmp_path, capsys):
     assert main(["finetune", *args]) == 2
     assert "no evaluation folder" in capsys.readouterr().err
     assert not (run / "checkpoints").exists()
+    # The same tree without --data.name imagefolder is read as the default Fashion-MNIST: named, with the fix.
+    assert main(["finetune", *args[2:]]) == 2
+    assert "looks like an ImageFolder tree (it has train/ or val/): pass --data.name imagefolder" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Tests for the frozen ViT teacher adapter (tiny models, CPU only, no downloads)."""
 import argparse
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -443,3 +444,13 @@ def test_input_not_divisible_by_teacher_patch_is_resized():
     assert [s.shape for s in out.stages] == [(2, 49, 32)] * 2 and out.last.shape == (2, 49, 32)
     resized = torch.nn.functional.interpolate(images, size=(30, 30), mode="bilinear", antialias=True)
     torch.testing.assert_close(teacher(images), teacher(resized))
+
+
+def test_a_checkpoint_with_another_patch_size_warns(tmp_path):
+    # timm resamples a 8x8 patch embedding to 4x4 without a word; the teacher then computes other features.
+    path = _save(_source(patch_size=8).state_dict(), tmp_path / "p8.safetensors")
+    with pytest.warns(UserWarning, match=r"\(8, 8\) patches but the teacher is built with \(4, 4\).*patch_size: 8"):
+        Teacher(NAME, weights=path, **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Teacher(NAME, weights=path, **{**TINY, "patch_size": 8})

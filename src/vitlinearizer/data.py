@@ -202,6 +202,9 @@ def _fmnist_files(root: str, split: str) -> tuple[str, str]:
              for s in stems]
     if None in found:
         missing = [s + ".gz" for s, p in zip(stems, found) if p is None]
+        if any(os.path.isdir(os.path.join(root, d)) for d in ("train", *EVAL_SPLIT_DIRS)):
+            raise FileNotFoundError(f"data.name is fashion_mnist (the default) but {root!r} looks like an ImageFolder "
+                                    "tree (it has train/ or val/): pass --data.name imagefolder")
         raise FileNotFoundError(
             f"Fashion-MNIST files not found in {root!r} (missing: {', '.join(missing)}). Install them with "
             f"`sudo apt-get install dataset-fashion-mnist` (puts them in {DEFAULT_FASHION_MNIST_ROOT}), "

@@ -393,13 +393,7 @@ def _eval_dataset(data: DataConfig, split: str, classes):
         if data.max_eval_samples is not None and data.max_eval_samples < len(ds):
             ds = ds.subset(balanced_subset(ds.targets, data.max_eval_samples, data.seed))
     else:
-        try:
-            ds = build_dataset(data, split)
-        except FileNotFoundError as exc:
-            if data.name == "fashion_mnist" and root and any((root / s).is_dir() for s in ("train", "val")):
-                raise FileNotFoundError(f"data.name is fashion_mnist but {root} looks like an ImageFolder tree (it "
-                                        f"has train/ or val/): pass --data.name imagefolder ({exc})") from exc
-            raise
+        ds = build_dataset(data, split)
     ds.transform = build_transform(data, train=False)
     return ds
 

@@ -10,6 +10,7 @@ import argparse
 import difflib
 import importlib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Collection, NamedTuple, Optional, Sequence, Union
 
@@ -221,6 +222,14 @@ class Teacher(nn.Module):
         sd = load_state_dict_safely(path, prefer_ema=prefer_ema, model_keys=set(expected))
         family = importlib.import_module(timm.models.model_entrypoint(self.model_name).__module__)
         filter_fn = getattr(family, "checkpoint_filter_fn", None)
+        stored, built = sd.get("patch_embed.proj.weight"), expected.get("patch_embed.proj.weight")
+        if stored is not None and built is not None and stored.dim() == built.dim() == 4 and stored.shape[-2:] != built.shape[-2:]:
+            # timm's filter resamples the patch embedding to the new patch size (FlexiViT); the features then differ
+            # from the ones the checkpoint was trained to produce, which is rarely what a distillation target wants.
+            warnings.warn(f"{path} has {tuple(stored.shape[-2:])} patches but the teacher is built with "
+                          f"{tuple(built.shape[-2:])}: timm resamples its patch embedding, which changes the teacher's "
+                          f"features; build it with the checkpoint's patch size (teacher.model_kwargs "
+                          f"{{patch_size: {stored.shape[-1]}}}) unless this is intended", UserWarning, stacklevel=3)
         if filter_fn is not None:
             # timm's own remapping: OpenAI CLIP / DINOv2 layouts, pos-embed resampling, ...
             try:
