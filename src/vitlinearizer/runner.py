@@ -292,6 +292,21 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
                              dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")
 
 
+def _check_logit_teacher(cfg: RunConfig, class_names) -> None:
+    """Logit distillation compares the teacher's class scores with the student's, class by class: the teacher's
+    head must be trained on these classes, in this order."""
+    if cfg.teacher.ignore_head:
+        raise ValueError("finetune.kd_weight > 0 distils the teacher's logits, but teacher.ignore_head drops its "
+                         "classifier (the logits would come from a random head); set finetune.kd_weight 0, or give "
+                         "a teacher trained on these classes")
+    if not cfg.teacher.weights:
+        raise ValueError("finetune.kd_weight > 0 needs teacher.weights (a teacher trained on these classes)")
+    meta = read_export_metadata(cfg.teacher.weights) if str(cfg.teacher.weights).endswith(".safetensors") else None
+    if meta and meta.get("classes") is not None and list(meta["classes"]) != list(class_names):
+        raise ValueError(f"teacher {cfg.teacher.weights} was trained on the classes {meta['classes']}, the data has "
+                         f"{list(class_names)}: logit distillation needs the same classes in the same order")
+
+
 def finetune(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint."""
     cfg = resolve_student(cfg)
@@ -300,6 +315,7 @@ def finetune(cfg: RunConfig, resume: bool = False) -> dict:
     student = build_student(cfg, info["num_classes"], use_mask_token=False)
     teacher = None
     if cfg.finetune.kd_weight > 0:
+        _check_logit_teacher(cfg, info["class_names"])
         teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
     task = ClassificationTask(student, cfg.finetune.label_smoothing, teacher, cfg.finetune.kd_weight,
                               cfg.finetune.kd_temperature)
