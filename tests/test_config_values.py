@@ -30,3 +30,17 @@ def test_model_kwargs_may_not_set_what_another_option_sets(key, kwargs, message)
     with pytest.raises(ConfigError, match=message):
         config(**{key: kwargs})
 
+
+
+def test_sizes_and_grey_statistics_read_alike_in_yaml_and_on_the_command_line():
+    from_flags = config(**{"data.img_size": "32x48", "data.mean": "0.5", "data.std": "0.25"}).data
+    from_yaml = build_config({"data": {"img_size": "32x48", "mean": 0.5, "std": 0.25}}).data
+    assert from_flags.img_size == from_yaml.img_size == (32, 48)
+    assert from_flags.mean == from_yaml.mean == (0.5,) * 3 and from_yaml.std == (0.25,) * 3
+    with pytest.raises(ConfigError, match=r"img_size must be a positive int, a pair \[H, W\] of positive ints or 'HxW'"):
+        config(**{"data.img_size": "32x"})
+
+
+def test_errors_name_the_option_as_the_user_writes_it():
+    with pytest.raises(ConfigError, match=r"^train.epochs must be an integer >= 1, got 0"):
+        config(**{"train.epochs": "0"})

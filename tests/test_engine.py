@@ -67,7 +67,7 @@ def reference(tmp_path_factory):
     ("amp", "fp16", "'none', 'bf16'"), ("ema_decay", 1.0, "[0, 1)"), ("min_lr", 1.0, "[0, lr"),
 ])
 def test_config_validation_names_field(field, value, allowed):
-    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be .*{re.escape(allowed)}"):
+    with pytest.raises(ValueError, match=rf"train\.{field} must be .*{re.escape(allowed)}"):
         TrainConfig(**{field: value})
 
 
@@ -114,7 +114,7 @@ def test_layer_decay_scales_each_student_layer_and_keeps_weight_decay_split():
 def test_layer_decay_needs_a_student_with_layers():
     with pytest.raises(ValueError, match="group_matcher.*layer_decay: 1.0"):
         build_optimizer(W.make_task(), TrainConfig(layer_decay=0.75))
-    with pytest.raises(ValueError, match=r"TrainConfig\.layer_decay must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"train\.layer_decay must be in \(0, 1\]"):
         TrainConfig(layer_decay=0.0)
 
 

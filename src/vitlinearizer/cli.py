@@ -24,9 +24,17 @@ TRAINING_COMMANDS = {
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (tuple, list) or hint in (tuple, list):
+        return "LIST"  # e.g. train.betas: "0.9,0.999" or "[0.9, 0.999]"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     hint = args[0] if args else hint
-    return getattr(hint, "__name__", str(hint)).upper()
+    return _type_name(hint) if typing.get_origin(hint) in (tuple, list) else getattr(hint, "__name__", str(hint)).upper()
+
+
+def _default_for(key: str, command: str | None):
+    if key == "output_dir" and command is not None:
+        return f"runs/{command}"  # what resolve_config sets when neither the YAML nor a flag does
+    return _default_of(key)
 
 
 def _default_of(key: str):
@@ -37,18 +45,20 @@ def _default_of(key: str):
     return node
 
 
-def add_config_flags(parser: argparse.ArgumentParser, prefixes: tuple[str, ...] | None = None) -> None:
-    """One ``--section.key`` flag per config field; only flags given on the command line override the YAML."""
+def add_config_flags(parser: argparse.ArgumentParser, prefixes: tuple[str, ...] | None = None,
+                     command: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    """One ``--section.key`` flag per config field (``skip``: keys the command does not use); only flags given on
+    the command line override the YAML."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, hint in C.all_keys().items():
         section = key.split(".")[0] if "." in key else "run"
-        if prefixes is not None and section not in prefixes:
+        if (prefixes is not None and section not in prefixes) or key in skip:
             continue
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options")
         groups[section].add_argument(
             f"--{key}", dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(hint),
-            help=f"{C.HELP.get(key, '')} (default: {_default_of(key)!r})",
+            help=f"{C.HELP.get(key, '')} (default: {_default_for(key, command)!r})",
         )
 
 
@@ -89,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dry-run", action="store_true",
                        help="run the configured models at their true sizes on 2 synthetic images for 2 steps "
                             "(random weights; writes to OUTPUT_DIR-dry-run): checks a config without its data")
-        add_config_flags(p)
+        add_config_flags(p, command=name)
 
     p = sub.add_parser("eval", help="top-1/top-5 of an exported model on a dataset split", formatter_class=fmt)
     p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
     p.add_argument("--split", default="test", choices=["test", "holdout", "train"], help="dataset split")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--config", metavar="FILE", help="YAML config whose data section is used")
-    add_config_flags(p, prefixes=("run", "data"))
+    add_config_flags(p, prefixes=("run", "data"), skip=("output_dir",))
 
     p = sub.add_parser("predict", help="top-k labels for image files", formatter_class=fmt)
     p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")

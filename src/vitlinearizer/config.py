@@ -90,7 +90,7 @@ HELP = {
     "data.name": "fashion_mnist | imagefolder | synthetic",
     "data.root": "dataset folder (imagefolder: holds train/ and val/, validation/ or test/; fashion_mnist: "
                  "Debian's idx files)",
-    "data.img_size": "input size: an int or [H, W]",
+    "data.img_size": "input size: an int, [H, W] or HxW",
     "data.mean": "normalisation mean (null: the dataset's default)",
     "data.std": "normalisation std (null: the dataset's default)",
     "data.augment": "timm | simple | none (simple: random-resized-crop 0.6-1 + flip)",
@@ -222,6 +222,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
         if isinstance(value, str):
             value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML `mean: 0.5`, as `--data.mean 0.5`
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} expects a list such as [0.9, 0.999], got {value!r}")
         inner = [a for a in args if a is not Ellipsis]

@@ -108,14 +108,21 @@ class DataConfig:
         """Normalise (img_size [H, W] -> tuple, mean/std -> 3-tuples); otherwise ValueError naming the field."""
         if isinstance(self.img_size, list):
             self.img_size = tuple(self.img_size)
+        if isinstance(self.img_size, str) and "x" in self.img_size.lower():  # "HxW", as predict and bench take it
+            try:
+                self.img_size = parse_size(self.img_size)
+            except ValueError:
+                pass  # reported below with the other checks
         for field in ("mean", "std"):
             v = getattr(self, field)
+            if _is_num(v):  # a YAML scalar, as the command line's single value: grey statistics
+                v = (v,)
             if isinstance(v, (list, tuple)):  # one value = grey statistics, replicated like the images
                 setattr(self, field, tuple(v) * 3 if len(v) == 1 else tuple(v))
         checks = [
             ("name", self.name in DATASET_NAMES, f"must be one of {DATASET_NAMES}"),
             ("img_size", _is_int(self.img_size, 1) or _nums(self.img_size, 2, 1, ints=True),
-             "must be a positive int or a pair [H, W] of positive ints"),
+             "must be a positive int, a pair [H, W] of positive ints or 'HxW'"),
             ("mean", self.mean is None or _nums(self.mean, 3, -np.inf), "must be None or 1 or 3 numbers"),
             ("std", self.std is None or _nums(self.std, 3, 1e-12), "must be None or 1 or 3 numbers > 0"),
             ("augment", self.augment in AUGMENTS, f"must be one of {AUGMENTS}"),

@@ -106,7 +106,7 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first invalid field and what is allowed."""
         def need(ok: bool, field: str, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"TrainConfig.{field} must be {allowed}, got {getattr(self, field)!r}")
+                raise ValueError(f"train.{field} must be {allowed}, got {getattr(self, field)!r}")
         for f in ("epochs", "batch_size", "accum_steps", "log_every", "max_bad_steps"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "an integer >= 1")
         for f in ("num_workers", "save_every_steps", "keep_checkpoints", "seed"):
