@@ -189,7 +189,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             cfg = runner.dry_run_config(cfg, cfg.output_dir.rstrip("/") + "-dry-run")
         stage = {"train-teacher": runner.train_teacher, "distill": runner.distill, "finetune": runner.finetune}
         summary = stage[args.command](cfg, resume=args.resume)
-        if summary:
+        if summary and "exported" in summary:  # the exporting process (rank 0 under torchrun) reports for all
             print(json.dumps({k: summary[k] for k in ("exported", "test", "steps") if k in summary}, indent=2,
                              default=str))
         return 0
@@ -211,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         results = runner.predict(args.checkpoint, args.images, args.topk, args.device, img_size, on_result=show)
         if args.json:
-            print(json.dumps(results, indent=2))
+            print(json.dumps(results, indent=2, ensure_ascii=False))  # class names as the folders spell them
         failed = sum("error" in r for r in results)
         if failed:
             print(f"vitlinearizer predict: {failed} of {len(results)} image(s) could not be read", file=sys.stderr)
