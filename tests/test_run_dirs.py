@@ -45,3 +45,13 @@ def test_a_missing_evaluation_folder_fails_before_training(tmp_path, capsys):
     # The same tree without --data.name imagefolder is read as the default Fashion-MNIST: named, with the fix.
     assert main(["finetune", *args[2:]]) == 2
     assert "looks like an ImageFolder tree (it has train/ or val/): pass --data.name imagefolder" in capsys.readouterr().err
+
+
+def test_the_supervised_row_of_the_ablation_exports_a_tested_classifier(tmp_path, capsys):
+    from vitlinearizer.checkpoint import read_export_metadata
+
+    run = tmp_path / "none"
+    teacher = ["--teacher.model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]
+    assert main(["distill", *TINY, *teacher, "--distill.objective", "none", "--output_dir", str(run)]) == 0
+    assert "test" in capsys.readouterr().out  # objective none trains the head: it is tested, as finetune is
+    assert read_export_metadata(run / "student.safetensors")["kind"] == "student"

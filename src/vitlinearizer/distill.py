@@ -145,6 +145,19 @@ class DistillationTask(nn.Module):
         # Widths may differ: a linear head maps student tokens to the teacher's feature space.
         needs_predictor = cfg.objective in ("both", "mask") or self.cls_weight > 0
         self.predictor = nn.Linear(student.embed_dim, teacher.embed_dim) if needs_predictor else None
+        # Parameters the objective never reaches are frozen: DDP's gradient reduction would otherwise wait for them
+        # and fail at the second step (and AdamW would decay them for nothing). Fine-tuning trains the head.
+        for name, param in student.named_parameters():
+            if name.startswith(self._unreached_prefixes()):
+                param.requires_grad_(False)
+
+    def _unreached_prefixes(self) -> tuple[str, ...]:
+        if self.cfg.objective == "none":  # supervised: everything but the mask token
+            return ("mask_token",)
+        unreached = ("head.",)  # feature objectives: no logits
+        if self.cfg.objective == "act" and not self.cls_weight:
+            unreached += ("norm.",)  # stage taps are block outputs; the final norm feeds only the other losses
+        return unreached
 
     def no_weight_decay(self) -> set[str]:
         return {f"student.{name}" for name in self.student.no_weight_decay()}

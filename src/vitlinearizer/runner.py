@@ -279,17 +279,20 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
 
 
 def distill(cfg: RunConfig, resume: bool = False) -> dict:
-    """Distil the teacher into the student (activation matching + masked prediction); no labels used."""
+    """Distil the teacher into the student (activation matching + masked prediction); no labels used.
+    ``distill.objective: none`` (the ablation's supervised row) trains a classifier instead, which is then tested."""
     cfg = resolve_student(cfg)
     _seed_initialisation(cfg)
-    info, train_ds, _ = _datasets(cfg, test=False)
+    supervised = cfg.distill.objective == "none"
+    info, train_ds, _ = _datasets(cfg, test=supervised)
     student = build_student(cfg, info["num_classes"], use_mask_token=True)
     # Distillation matches features only: a headless teacher, so a checkpoint trained on other classes
     # (e.g. ImageNet's 1000) needs no --teacher.ignore_head.
     teacher = build_teacher(cfg, 0, info["mean"], info["std"])
     task = DistillationTask(student, teacher, cfg.distill)
-    return _train_and_export(task, cfg, info, train_ds, None, resume, "distilled-student", cfg.student.model,
-                             dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")
+    return _train_and_export(task, cfg, info, train_ds, None, resume, "student" if supervised else "distilled-student",
+                             cfg.student.model, dict(cfg.student.model_kwargs, mixer=cfg.student.mixer),
+                             "student.safetensors")
 
 
 def _check_logit_teacher(cfg: RunConfig, class_names) -> None:
