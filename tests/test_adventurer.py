@@ -5,7 +5,7 @@ import timm
 import torch
 
 import vitlinearizer  # noqa: F401  (registers the models)
-from vitlinearizer.models.adventurer import AdventurerBlock
+from vitlinearizer.models.adventurer_block import AdventurerBlock
 
 
 def n_params(model):

@@ -9,7 +9,7 @@ import torch.nn as nn
 from mixer_cases import MIXER_CASES
 
 import vitlinearizer  # noqa: F401
-from vitlinearizer.models.adventurer import AdventurerBlock
+from vitlinearizer.models.adventurer_block import AdventurerBlock
 from vitlinearizer.models.mixers import GatedRMSNorm, causal_depthwise_conv, create_mixer
 from vitlinearizer.ops import chunked as chunked_mod
 from vitlinearizer.ops import linear_recurrence
