@@ -82,7 +82,8 @@ def stage_taps(depth: int, num_stages: int, who: str = "model") -> list[int]:
 
 
 def random_mask(batch: int, num_tokens: int, ratio: float, generator=None, device=None) -> torch.Tensor:
-    """(B, N) bool, exactly round(ratio * N) tokens masked per image, uniformly at random."""
+    """(B, N) bool, round(ratio * N) tokens masked per image, uniformly at random; at least one token is masked
+    (masked prediction needs a target) and one visible (activation matching needs a row)."""
     num_masked = min(num_tokens - 1, max(1, round(ratio * num_tokens)))
     noise = torch.rand(batch, num_tokens, generator=generator, device=device)
     ranks = noise.argsort(dim=1).argsort(dim=1)
@@ -90,7 +91,8 @@ def random_mask(batch: int, num_tokens: int, ratio: float, generator=None, devic
 
 
 def block_mask(batch: int, grid: tuple[int, int], ratio: float, generator=None, device=None) -> torch.Tensor:
-    """(B, N) bool from random rectangles (aspect 0.3-3.3, as BEiT), topped up/trimmed to exactly round(ratio*N)."""
+    """(B, N) bool from random rectangles (aspect 0.3-3.3, as BEiT), topped up/trimmed to round(ratio*N) masked
+    tokens, kept within [1, N - 1] as in :func:`random_mask`."""
     gh, gw = grid
     n = gh * gw
     num_masked = min(n - 1, max(1, round(ratio * n)))
