@@ -148,6 +148,8 @@ def test_schedule_warmup_then_cosine():
     assert resumed.get_last_lr()[0] == pytest.approx(lrs[9])
     # warm-up given in epochs: half of 8 steps per epoch
     assert build_scheduler(opt2, TrainConfig(epochs=2, lr=1.0, warmup_epochs=0.5), 8).lr_lambdas[0].warmup_steps == 4
+    with pytest.warns(UserWarning, match=r"warm-up \(24 steps\) is as long as the whole run \(16 steps\)"):
+        build_scheduler(opt2, TrainConfig(epochs=2, lr=1.0, warmup_epochs=3), 8)
 
 
 def test_sampler_is_pure_splits_ranks_and_skips_on_resume():

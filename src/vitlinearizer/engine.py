@@ -208,7 +208,12 @@ class WarmupCosine:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> LambdaLR:
     """Per-step warm-up + cosine to ``cfg.min_lr`` over ``cfg.epochs``; call ``.step()`` once per step."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-    return LambdaLR(optimizer, WarmupCosine(warmup, steps_per_epoch * cfg.epochs, cfg.min_lr / cfg.lr))
+    total = steps_per_epoch * cfg.epochs
+    if warmup >= total > 0:
+        warnings.warn(f"the warm-up ({warmup} steps) is as long as the whole run ({total} steps): the learning rate "
+                      f"never reaches train.lr={cfg.lr:g}; shorten train.warmup_epochs / train.warmup_steps",
+                      UserWarning, stacklevel=2)
+    return LambdaLR(optimizer, WarmupCosine(warmup, total, cfg.min_lr / cfg.lr))
 
 
 # --------------------------------------------------------------------------- distributed
