@@ -13,7 +13,7 @@ TINY = [
 
 def test_a_run_directory_is_not_started_over_or_resumed_differently(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["finetune", *TINY, "--output_dir", str(run)]) == 0
+    assert main(["finetune", *TINY, "--output-dir", str(run)]) == 0  # demo and bench spell it so; both work
     config = (run / "config.yaml").read_text()
     metrics = (run / "metrics.jsonl").read_text()
     capsys.readouterr()

@@ -56,8 +56,10 @@ def add_config_flags(parser: argparse.ArgumentParser, prefixes: tuple[str, ...] 
             continue
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options")
+        # --output-dir too: the spelling of demo and bench, which a user will type here as well.
+        spellings = [f"--{key}"] + (["--output-dir"] if key == "output_dir" else [])
         groups[section].add_argument(
-            f"--{key}", dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(hint),
+            *spellings, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(hint),
             help=f"{C.HELP.get(key, '')} (default: {_default_for(key, command)!r})",
         )
 
