@@ -149,8 +149,9 @@ class DistillationTask(nn.Module):
         self.predictor = nn.Linear(student.embed_dim, teacher.embed_dim) if needs_predictor else None
         # Parameters the objective never reaches are frozen: DDP's gradient reduction would otherwise wait for them
         # and fail at the second step (and AdamW would decay them for nothing). Fine-tuning trains the head.
+        unreached = self._unreached_prefixes()
         for name, param in student.named_parameters():
-            if name.startswith(self._unreached_prefixes()):
+            if name.startswith(unreached):
                 param.requires_grad_(False)
 
     def _unreached_prefixes(self) -> tuple[str, ...]:

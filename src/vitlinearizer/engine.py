@@ -442,7 +442,7 @@ class Trainer:
         if self.rank != 0 or not path.is_file():
             return
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
         if len(kept) != len(lines):
             write_text_atomic(path, "".join(kept))
 

@@ -25,7 +25,7 @@ from .data import DataConfig, build_dataset, build_transform, check_data_source,
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
-from .models.adventurer import checkpoint_filter_fn
+from .models.adventurer import checkpoint_filter_fn, patch_grid
 from .teacher import Teacher, load_state_dict_safely
 
 
@@ -182,7 +182,7 @@ def resolve_student(cfg: RunConfig) -> RunConfig:
     config leaves it at the default: a distilled student is fine-tuned as what it is, without repeating its
     model, mixer and model_kwargs. Options set in the config take precedence (and must fit the weights)."""
     path = cfg.student.checkpoint
-    meta = read_export_metadata(path) if path and str(path).endswith(".safetensors") and Path(path).is_file() else None
+    meta = read_export_metadata(path) if path and Path(path).is_file() else None
     if not meta or "model" not in meta:
         return cfg
     stored = dict(meta.get("model_kwargs") or {})
@@ -198,11 +198,10 @@ def resolve_student(cfg: RunConfig) -> RunConfig:
 
 
 def _stored_grid(path: str, model: nn.Module) -> tuple[int, int] | None:
-    meta = read_export_metadata(path) if str(path).endswith(".safetensors") else None
+    meta = read_export_metadata(path)
     if not meta or "img_size" not in meta:
         return None
-    (height, width), (ph, pw) = meta["img_size"], model.patch_embed.patch_size
-    return height // ph, width // pw
+    return patch_grid(*meta["img_size"], model.patch_embed.patch_size)
 
 
 def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.Module:
@@ -304,7 +303,7 @@ def _check_logit_teacher(cfg: RunConfig, class_names) -> None:
                          "a teacher trained on these classes")
     if not cfg.teacher.weights:
         raise ValueError("finetune.kd_weight > 0 needs teacher.weights (a teacher trained on these classes)")
-    meta = read_export_metadata(cfg.teacher.weights) if str(cfg.teacher.weights).endswith(".safetensors") else None
+    meta = read_export_metadata(cfg.teacher.weights)
     if meta and meta.get("classes") is not None and list(meta["classes"]) != list(class_names):
         raise ValueError(f"teacher {cfg.teacher.weights} was trained on the classes {meta['classes']}, the data has "
                          f"{list(class_names)}: logit distillation needs the same classes in the same order")
@@ -477,11 +476,7 @@ def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if not hasattr(model, "set_input_size") or patch is None:
         raise ValueError(f"{type(model).__name__} runs only at the size it was trained at; omit --img-size")
-    (ph, pw), (h, w) = patch, img_size
-    if h % ph or w % pw:
-        fit = (max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw))
-        raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
-                         f"resize or crop to a multiple, e.g. {fit[0]}x{fit[1]}")
+    patch_grid(*img_size, patch)
     model.set_input_size(img_size=img_size)
 
 

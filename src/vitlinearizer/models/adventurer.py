@@ -160,14 +160,7 @@ class Adventurer(nn.Module):
     # ----------------------------------------------------------------------------------------- forward
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """Token grid for an input size; a clear error when a side is not a multiple of the patch size."""
-        ph, pw = self.patch_embed.patch_size
-        if height % ph or width % pw:
-            fit = (max(ph, round(height / ph) * ph), max(pw, round(width / pw) * pw))
-            raise ValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {ph}x{pw}; "
-                f"resize or crop to a multiple, e.g. {fit[0]}x{fit[1]}"
-            )
-        return height // ph, width // pw
+        return patch_grid(height, width, self.patch_embed.patch_size)
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         """The patch embedding as one GEMM over (B, N, C*p*p) patches: the same numbers as the stride-p Conv2d
@@ -306,6 +299,19 @@ class Adventurer(nn.Module):
         if prune_head:
             self.reset_classifier(0)
         return take_indices
+
+
+def patch_grid(height: int, width: int, patch_size: tuple[int, int]) -> tuple[int, int]:
+    """Token grid of any patch-embedding model for an input size; a clear error when a side is not a multiple
+    of the patch size (timm's ViT would silently crop it)."""
+    ph, pw = patch_size
+    if height % ph or width % pw:
+        fit = (max(ph, round(height / ph) * ph), max(pw, round(width / pw) * pw))
+        raise ValueError(
+            f"input size {height}x{width} is not a multiple of the patch size {ph}x{pw}; "
+            f"resize or crop to a multiple, e.g. {fit[0]}x{fit[1]}"
+        )
+    return height // ph, width // pw
 
 
 def timm_pair(value) -> tuple[int, int]:
