@@ -164,6 +164,34 @@ def test_own_imagefolder_at_a_non_default_resolution(tmp_path, capsys):
     assert {t["label"] for t in preds[0]["top"]} <= {"circle", "square"}
 
 
+def test_the_summary_records_the_files_a_run_skipped(tmp_path):
+    from types import SimpleNamespace
+
+    from vitlinearizer.data import DataWarning
+    from vitlinearizer.runner import _skipped_files
+
+    _image_folder(tmp_path / "data")
+    broken, empty = tmp_path / "data" / "train" / "circle" / "bad.jpg", tmp_path / "data" / "val" / "square" / "0.png"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    empty.write_bytes(b"")
+    run = tmp_path / "run"
+    data = ["--data.name", "imagefolder", "--data.root", str(tmp_path / "data"), "--data.img_size", "28",
+            "--data.holdout_fraction", "0.25"]
+    student = ["--student.model_kwargs", "{depth: 2, embed_dim: 32, mixer_kwargs: {d_state: 8, head_dim: 16}}"]
+    with pytest.warns(DataWarning, match="unreadable"):
+        assert main(["finetune", *data, *student, "--train.epochs", "1", "--train.batch_size", "4",
+                     "--train.progress", "false", "--output_dir", str(run)]) == 0
+    skipped = json.loads((run / "summary.json").read_text())["skipped_files"]
+    assert skipped.keys() == {"train", "holdout", "test"}
+    assert skipped["train"] == skipped["holdout"]  # both carved from train/, after its scan
+    assert [f["path"] for f in skipped["train"]["files"]] == [str(broken)] and skipped["train"]["count"] == 1
+    assert skipped["test"] == {"count": 1, "files": [{"path": str(empty), "reason": "empty file (0 bytes)"}]}
+    assert skipped["train"]["files"][0]["reason"]
+    many = SimpleNamespace(skipped=[(f"{i}.jpg", "bad") for i in range(250)])
+    listed = _skipped_files({"train": many, "holdout": None, "test": SimpleNamespace(skipped=[])})
+    assert listed.keys() == {"train"} and listed["train"]["count"] == 250 and len(listed["train"]["files"]) == 100
+
+
 def test_resume_reproduces_uninterrupted_run(pipeline, tmp_path):
     """`--resume` after the run finished epoch 1 of 2 ends where the uninterrupted 2-epoch run ends."""
     teacher = str(pipeline / "teacher" / "teacher.safetensors")

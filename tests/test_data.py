@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -370,6 +372,19 @@ def test_imagefolder_build_dataset_splits(tree):
     cfg.strict = True
     with pytest.raises(ValueError, match="truncated.jpg"):
         build_dataset(cfg, "train")
+
+
+def test_build_dataset_takes_the_classes_of_a_tree_without_train(tree):
+    root, _ = tree
+    shutil.rmtree(root / "train")
+    cfg = DataConfig(name="imagefolder", root=str(root), img_size=16, max_eval_samples=4)
+    with pytest.warns(DataWarning, match="c_empty"):
+        test = build_dataset(cfg, "test", classes=["b_plain", "a_mixed", "c_empty"])
+    assert test.classes == ["b_plain", "a_mixed", "c_empty"]  # the given label order, not the folders'
+    assert test.class_counts().tolist() == [2, 2, 0]  # max_eval_samples, class-balanced
+    assert all(Path(p).parent.name == test.classes[t] for p, t in test.samples)
+    with pytest.raises(ValueError, match=r"class folder\(s\) the model was not trained on: \['b_plain'\]"):
+        build_dataset(cfg, "test", classes=["a_mixed"])
 
 
 @pytest.mark.parametrize("name", ["validation", "test"])

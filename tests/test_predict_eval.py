@@ -221,3 +221,47 @@ def test_an_unknown_device_is_refused_early(tmp_path, argv, capsys):
     assert main([*argv, "--output_dir", str(tmp_path / "run")] if argv[0] == "finetune" else argv) == 2
     assert "device='gpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["xla", "meta", "cuda:x", "cuda:-1", "cpu:0", "CPU", ""])
+def test_a_device_the_project_does_not_run_on_is_refused(name, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device=.* is not a device; use auto, cpu, cuda or cuda:N$"):
+        runner.resolve_device(name)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"use auto, cpu, cuda, cuda:N or mps$"):
+        runner.resolve_device(name)
+
+
+def test_a_device_this_machine_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="but CUDA is not available; use device=cpu or auto"):
+            runner.resolve_device(name)
+    with pytest.raises(ValueError, match="device='mps' but MPS is not available"):
+        runner.resolve_device("mps")
+    assert runner.resolve_device("auto") == runner.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runner.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="only 2 CUDA device"):
+        runner.resolve_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runner.resolve_device("mps") == torch.device("mps")
+
+
+def test_eval_reads_its_config_file_once(student, tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "eval.yaml"
+    # crop_pct is the DataConfig default: only the file says the user set it, so the export's 0.875 must not win.
+    cfg.write_text("data: {name: synthetic, num_classes: 3, synthetic_length: 6, crop_pct: 1.0}\n")
+    reads, load_yaml = [], C.load_yaml
+    monkeypatch.setattr(C, "load_yaml", lambda path: reads.append(path) or load_yaml(path))
+    seen = []
+    monkeypatch.setattr(runner, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
+    ckpt = _export(tmp_path / "cropped.safetensors", crop_pct=0.875)
+    assert main(["eval", "--checkpoint", ckpt, "--config", str(cfg)]) == 0
+    assert reads == [str(cfg)] and json.loads(capsys.readouterr().out)["n"] == 6
+    image = load_rgb(_images(tmp_path / "img", size=(50, 37))[0])
+    expected = build_transform(DataConfig(name="synthetic", img_size=28, crop_pct=1.0), train=False)(image)
+    assert torch.equal(seen[-1].transform(image), expected)

@@ -68,9 +68,13 @@ def overrides_from(args: argparse.Namespace) -> dict:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
-def resolve_config(args: argparse.Namespace, command: str) -> C.RunConfig:
-    base = C.load_yaml(args.config) if getattr(args, "config", None) else {}
-    values = C.merge(base, overrides_from(args))
+def _yaml_values(args: argparse.Namespace) -> dict:
+    return C.load_yaml(args.config) if getattr(args, "config", None) else {}
+
+
+def resolve_config(args: argparse.Namespace, command: str, base: dict | None = None) -> C.RunConfig:
+    """``base``: the ``--config`` file's values when the caller has them already (None: read the file)."""
+    values = C.merge(_yaml_values(args) if base is None else base, overrides_from(args))
     values.setdefault("output_dir", f"runs/{command}")
     return C.build_config(values)
 
@@ -168,9 +172,9 @@ def _check_output_dir(path: str) -> None:
             return
 
 
-def _explicit_data_keys(args: argparse.Namespace) -> set[str]:
-    """data.* fields the user set (YAML or flag): eval keeps these instead of the export's own."""
-    base = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+def _explicit_data_keys(args: argparse.Namespace, base: dict) -> set[str]:
+    """data.* fields the user set (``base``: the YAML's values, or a flag): eval keeps these instead of the
+    export's own."""
     keys = set(base.get("data") or {}) if isinstance(base.get("data"), dict) else set()
     return keys | {k[len("data."):] for k in overrides_from(args) if k.startswith("data.")}
 
@@ -196,9 +200,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                              default=str))
         return 0
     if args.command == "eval":
-        cfg = resolve_config(args, "eval")
+        base = _yaml_values(args)  # read once: the config and the keys it sets come from the same file contents
+        cfg = resolve_config(args, "eval", base)
         print(json.dumps(runner.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device,
-                                         explicit=_explicit_data_keys(args)), indent=2))
+                                         explicit=_explicit_data_keys(args, base)), indent=2))
         return 0
     if args.command == "predict":
         from .data import parse_size

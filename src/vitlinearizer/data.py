@@ -331,7 +331,9 @@ def _split_classes(split_dir: Path, class_names: Optional[Sequence[str]]) -> tup
     classes = list(class_names) if class_names is not None else present
     unknown = sorted(set(present) - set(classes))
     if unknown:
-        raise ValueError(f"{split_dir} has class folder(s) not in the train classes: {unknown}")
+        # Whether the classes are train/'s or an exported model's, they are the ones a model is trained on.
+        raise ValueError(f"{split_dir} has class folder(s) the model was not trained on: {unknown}; the model's "
+                         f"classes are {classes}")
     return classes, sorted(set(classes) - set(present))
 
 
@@ -477,12 +479,13 @@ def build_transform(cfg: DataConfig, train: bool) -> Callable:
     return create_transform(is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob, **common)
 
 
-def _source(cfg: DataConfig, test: bool) -> VisionDataset:
+def _source(cfg: DataConfig, test: bool, classes: Optional[Sequence[str]] = None) -> VisionDataset:
     if cfg.name == "fashion_mnist":
         return FashionMNIST(cfg.root or DEFAULT_FASHION_MNIST_ROOT, "test" if test else "train")
     if cfg.name == "synthetic":
         return SyntheticDataset(cfg.num_classes, cfg.synthetic_length, cfg.img_size, cfg.seed, stream=int(test))
-    classes = _list_classes(Path(cfg.root) / "train")
+    if classes is None:
+        classes = _list_classes(Path(cfg.root) / "train")
     return ImageFolderDataset(cfg.root, _eval_split_dir(cfg.root) if test else "train", class_names=classes,
                               verify=cfg.verify, strict=cfg.strict)
 
@@ -521,14 +524,17 @@ def check_data_source(cfg: DataConfig, splits: Sequence[str] = ("train", "test")
             _split_classes(Path(cfg.root) / _eval_split_dir(cfg.root), classes)
 
 
-def build_dataset(cfg: DataConfig, split: str) -> VisionDataset:
+def build_dataset(cfg: DataConfig, split: str, *, classes: Optional[Sequence[str]] = None) -> VisionDataset:
     """Dataset for ``split``: "train" (augmented, minus holdout), "holdout" (seeded stratified
     ``holdout_fraction`` of the training set) or "test" (Fashion-MNIST t10k; ImageFolder's first of ``val/``,
     ``validation/``, ``test/``; synthetic stream 1); capped by ``max_train_samples`` / ``max_eval_samples`` with
-    class-balanced subsets. :func:`check_data_source` finds missing folders without building anything."""
+    class-balanced subsets. :func:`check_data_source` finds missing folders without building anything.
+
+    ``classes`` (ImageFolder only): the class names in label order instead of ``train/``'s class folders, e.g. an
+    exported model's, to evaluate it on a tree without ``train/``; a class folder not among them is an error."""
     _check_split(cfg, split)
     cfg.validate()
-    ds = _source(cfg, test=split == "test")
+    ds = _source(cfg, test=split == "test", classes=classes)
     if split != "test":
         keep, hold = stratified_split(ds.targets, cfg.holdout_fraction, cfg.seed)
         ds = ds.subset(keep if split == "train" else hold)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -30,12 +31,18 @@ from .teacher import Teacher, load_state_dict_safely
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else, or a
+    device this machine lacks, is a one-line ValueError naming the value and the choices."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:  # torch's text lists every backend it was built with
-        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    mps = torch.backends.mps.is_available()
+    # torch.device also takes xla, meta, hpu, ... which the training and evaluation code does not run on.
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+        choices = "auto, cpu, cuda, cuda:N or mps" if mps else "auto, cpu, cuda or cuda:N"
+        raise ValueError(f"device={name!r} is not a device; use {choices}")
+    device = torch.device(name)
+    if device.type == "mps" and not mps:
+        raise ValueError(f"device={name!r} but MPS is not available; use device=cpu or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; use device=cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -165,13 +172,30 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     trained = trainer.ema.module if trainer.ema is not None else task.student
     meta = model_metadata(kind, model_name, model_kwargs, cfg.data, info)
     summary["exported"] = str(export_model(trained, run_dir / filename, meta))
-    return _finish(summary, run_dir, trained, cfg, test_split=kind != "distilled-student")
+    return _finish(summary, run_dir, trained, cfg, train_ds, holdout, test_split=kind != "distilled-student")
 
 
-def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, test_split: bool = True) -> dict:
+# The warnings name at most 50 files; the summary keeps more, for a later look at what a run left out.
+_SKIPPED_LISTED = 100
+
+
+def _skipped_files(datasets: dict) -> dict:
+    """Per split, the files left out as unreadable: their count and the first ``_SKIPPED_LISTED`` (path, reason).
+
+    train and holdout both list the scan of train/ (a file is dropped before the split is drawn); files that
+    fail later only in a DataLoader worker process are not seen here."""
+    return {split: {"count": len(ds.skipped),
+                    "files": [{"path": p, "reason": r} for p, r in ds.skipped[:_SKIPPED_LISTED]]}
+            for split, ds in datasets.items() if ds is not None and ds.skipped}
+
+
+def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, train_ds, holdout,
+            test_split: bool = True) -> dict:
+    test = None
     if test_split:
         test = build_dataset(cfg.data, "test")
         summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2)
+    summary["skipped_files"] = _skipped_files({"train": train_ds, "holdout": holdout, "test": test})
     summary["complete"] = not summary.get("interrupted", False)
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
@@ -395,27 +419,6 @@ def _use_recorded_split(checkpoint, meta: dict, data: DataConfig, explicit=None)
                          "holdout split; evaluate it on --split test")
 
 
-def _eval_dataset(data: DataConfig, split: str, classes):
-    """The split with the eval transform whatever the split (augmentation draws would change the numbers from
-    run to run); an ImageFolder test split takes the export's classes when there is no train/ to read them from."""
-    from .data import ImageFolderDataset, _eval_split_dir, _list_classes, balanced_subset
-
-    root = Path(data.root) if data.root else None
-    if data.name == "imagefolder" and split == "test" and classes and not (root / "train").is_dir():
-        folder = _eval_split_dir(root)
-        unknown = sorted(set(_list_classes(root / folder)) - set(classes))
-        if unknown:
-            raise ValueError(f"{root / folder} has class folder(s) the model was not trained on: {unknown}; the "
-                             f"model's classes are {list(classes)}")
-        ds = ImageFolderDataset(root, folder, class_names=classes, verify=data.verify, strict=data.strict)
-        if data.max_eval_samples is not None and data.max_eval_samples < len(ds):
-            ds = ds.subset(balanced_subset(ds.targets, data.max_eval_samples, data.seed))
-    else:
-        ds = build_dataset(data, split)
-    ds.transform = build_transform(data, train=False)
-    return ds
-
-
 def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
     """Accuracy of the configured teacher (``teacher.weights``) on a split of ``cfg.data``."""
     info = dataset_info(cfg.data)
@@ -437,7 +440,10 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     _export_preprocessing(data, meta, explicit)
     if split == "holdout":
         _use_recorded_split(checkpoint, meta, data, explicit)
-    dataset = _eval_dataset(data, split, meta.get("classes"))
+    # A train/ labels the data (checked against the model's classes below); without one, the export's classes do.
+    no_train = data.name == "imagefolder" and not (Path(data.root) / "train").is_dir()
+    dataset = build_dataset(data, split, classes=meta.get("classes") if no_train else None)
+    dataset.transform = build_transform(data, train=False)  # the train split too: no augmentation draws
     if dataset.num_classes != meta["num_classes"]:
         raise ValueError(f"the data has {dataset.num_classes} classes but the model predicts {meta['num_classes']}")
     if dataset.classes != list(meta["classes"]):  # same count, other labels: the accuracy would be meaningless
