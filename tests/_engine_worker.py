@@ -93,10 +93,11 @@ BASE_CFG = dict(epochs=2, batch_size=4, lr=1e-2, min_lr=1e-4, warmup_steps=2, we
                 accum_steps=2, ema_decay=0.9, seed=7, log_every=2, clip_grad=1.0, progress=False)
 
 
-def train(run_dir, resume=False, cfg=None, task=None, n=48, eval_fn=None):
+def train(run_dir, resume=False, cfg=None, task=None, n=48, eval_fn=None, dataset=None):
     """Build and fit a trainer; returns (summary, trainer)."""
     task = task if task is not None else make_task()
-    trainer = Trainer(task, AugDataset(n), TrainConfig(**{**BASE_CFG, **(cfg or {})}), run_dir,
+    dataset = dataset if dataset is not None else AugDataset(n)
+    trainer = Trainer(task, dataset, TrainConfig(**{**BASE_CFG, **(cfg or {})}), run_dir,
                       eval_fn=eval_fn, device="cpu")
     return trainer.fit(resume=resume), trainer
 

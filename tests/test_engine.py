@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -354,3 +355,56 @@ def test_evaluate_classifier_top1_top5():
     assert out["n"] == 4 and out["top1"] == pytest.approx(50.0) and out["top5"] == pytest.approx(75.0)
     expected = torch.nn.functional.cross_entropy(model(x), y).item()
     assert out["loss"] == pytest.approx(expected, rel=1e-5) and model.training
+
+
+# --------------------------------------------------------------------------- timm's task protocol
+
+
+CLASSES_TIMM = 3
+
+
+def _tiny_vit():
+    import timm
+    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, embed_dim=16, num_heads=2,
+                             num_classes=CLASSES_TIMM)
+
+
+def test_trainer_trains_timm_own_distillation_task(tmp_path):
+    """timm's LogitDistillationTask trains its ``trainable_module``; its teacher, given as a module with
+    requires_grad=True, is frozen as timm's prepare_distributed would, and never checkpointed; the batch
+    logits it returns as ``output`` are not logged."""
+    from timm.task import LogitDistillationTask
+
+    torch.manual_seed(0)
+    student, teacher = _tiny_vit(), _tiny_vit()
+    task = LogitDistillationTask(student, teacher, criterion=nn.CrossEntropyLoss(), task_loss_weight=0.5,
+                                 verbose=False)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, CLASSES_TIMM, (16,), generator=g))
+    summary, trainer = W.train(tmp_path, task=task, cfg={"epochs": 1, "accum_steps": 1, "log_every": 1},
+                               dataset=data)
+    assert summary["steps"] == 4 and not any(p.requires_grad for p in teacher.parameters())
+    assert_same(teacher.state_dict(), teacher_before)
+    assert any(not torch.equal(student.state_dict()[k], v) for k, v in student_before.items())
+    model, ema = W.final_state(tmp_path)
+    assert set(model) == {f"trainable_module.{k}" for k in student.state_dict()}
+    assert set(ema) == set(student.state_dict())
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert {"task_loss", "kd_loss"} <= lines[0].keys() and "output" not in lines[0]
+
+
+def test_trainer_needs_the_task_to_name_its_model(tmp_path):
+    from timm.task import TrainingTask
+
+    class Bare(TrainingTask):  # get_trainable_module() falls back to the task itself
+        def __init__(self):
+            super().__init__(verbose=False)
+            self.net = nn.Linear(W.DIM, W.CLASSES)
+
+        def forward(self, x, y):
+            return {"loss": F.cross_entropy(self.net(x), y)}
+
+    with pytest.raises(TypeError, match="get_trainable_module"):
+        W.train(tmp_path, task=Bare())

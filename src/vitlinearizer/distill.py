@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.task import TrainingTask
 
 from .objectives import activation_matching_loss, masked_prediction_loss
 
@@ -117,8 +118,14 @@ def block_mask(batch: int, grid: tuple[int, int], ratio: float, generator=None, 
     return masks.flatten(1).to(device)
 
 
-class DistillationTask(nn.Module):
-    """Trainable task for :class:`vitlinearizer.engine.Trainer`: ``forward(images, labels) -> dict(loss, ...)``.
+class DistillationTask(TrainingTask):
+    """The ViT-Linearizer objective as a :class:`timm.task.TrainingTask`: ``forward(images, labels) -> dict(loss,
+    ...)``, the loss terms logged beside it (and the logits as ``output`` for ``objective="none"``); labels are
+    used only by ``none``. :class:`vitlinearizer.engine.Trainer` trains it.
+
+    Unlike timm's feature-distillation task, the student is not wrapped in a trainable module: the objective calls
+    its ``forward_intermediates`` and ``patch_grid``, so distributed training wraps the whole task (the teacher is
+    frozen) rather than the student alone.
 
     Args:
         student: an Adventurer (or any model with ``patch_grid``, ``forward_intermediates(mask=...)`` and a
@@ -130,7 +137,7 @@ class DistillationTask(nn.Module):
     frozen_prefixes = ("teacher.",)
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig):
-        super().__init__()
+        super().__init__(verbose=False)
         cfg.validate()
         self.cfg = cfg
         self.student = student
@@ -162,6 +169,15 @@ class DistillationTask(nn.Module):
             unreached += ("norm.",)  # stage taps are block outputs; the final norm feeds only the other losses
         return unreached
 
+    def get_trainable_module(self, ema: bool = False) -> nn.Module | None:
+        """The student, which is exported (the predictor head is trained beside it but only serves the loss)."""
+        return super().get_trainable_module(ema=True) if ema else self.student
+
+    def train(self, mode: bool = True) -> "DistillationTask":
+        super().train(mode)
+        self.teacher.eval()  # the target stays deterministic
+        return self
+
     def no_weight_decay(self) -> set[str]:
         return {f"student.{name}" for name in self.student.no_weight_decay()}
 
@@ -174,7 +190,7 @@ class DistillationTask(nn.Module):
         if self.cfg.objective == "none":
             logits = self.student(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
-            return {"loss": loss, "ce": loss.detach()}
+            return {"loss": loss, "output": logits, "ce": loss.detach()}
 
         grid = self.student.patch_grid(images.shape[-2], images.shape[-1])
         mask = self.sample_mask(images.shape[0], grid, images.device)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models import group_parameters
+from timm.task import TrainingTask
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -35,25 +36,36 @@ from .checkpoint import (CheckpointError, EpochBatchSampler, SeededDataset, deri
 __all__ = [
     "Task", "TrainConfig", "Trainer", "TrainingDivergedError", "TrainingInterrupted",
     "WarmupCosine", "build_scheduler", "EpochBatchSampler", "SeededDataset", "build_optimizer",
-    "param_groups", "init_distributed", "cleanup_distributed", "evaluate_classifier",
+    "param_groups", "init_distributed", "cleanup_distributed", "evaluate_classifier", "trained_module",
 ]
 
 
 class Task(Protocol):
-    """What :class:`Trainer` trains: an ``nn.Module`` with
+    """What :class:`Trainer` trains: timm's task protocol (:class:`timm.task.TrainingTask`), an ``nn.Module`` with
 
-    * ``forward(images, targets) -> dict[str, Tensor]``: scalar ``"loss"`` (minimised) and
-      optional other scalars (averaged over good steps, logged as floats);
-    * ``student``: the ``nn.Module`` trained and exported; EMA tracks it;
-    * optional ``frozen_prefixes`` (default ``()``), e.g. ``("teacher.",)``: parameters there
-      must have ``requires_grad=False``; kept in eval mode, never checkpointed;
-    * optional ``no_weight_decay() -> set[str]`` of full names (relative to the task); a
-      student's own ``no_weight_decay()`` (timm models) is honoured with a ``student.`` prefix.
+    * ``forward(images, targets) -> dict[str, Tensor]``: scalar ``"loss"`` (minimised) and optional
+      other scalars (averaged over good steps, logged as floats); tensors that are not scalars, such as
+      timm's ``"output"`` logits, are not logged;
+    * the model trained and exported, which EMA tracks: ``get_trainable_module()`` for a
+      ``TrainingTask`` (timm's own tasks: ``trainable_module``; ours: ``student``), else ``student``;
+    * optional ``frozen_prefixes`` (default ``()``; ``("teacher.",)`` for a ``TrainingTask`` with a
+      ``teacher``, which is then frozen as timm's ``prepare_distributed`` does): parameters there must
+      have ``requires_grad=False``; kept in eval mode, never checkpointed;
+    * optional ``no_weight_decay() -> set[str]`` of full names (relative to the task); the trained
+      model's own ``no_weight_decay()`` (timm models) is honoured under its name in the task.
     """
 
-    student: nn.Module
-
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def trained_module(task: nn.Module) -> tuple[str, nn.Module]:
+    """``(name inside the task, module)`` of the model a task trains and exports (see :class:`Task`)."""
+    module = task.get_trainable_module() if isinstance(task, TrainingTask) else getattr(task, "student", None)
+    name = next((n for n, m in task.named_modules() if m is module and n), None)
+    if not isinstance(module, nn.Module) or name is None:
+        raise TypeError("the task must name the model it trains: a timm TrainingTask whose get_trainable_module() "
+                        "returns one of its submodules, or a `student` submodule")
+    return name, module
 
 
 class TrainingDivergedError(RuntimeError):
@@ -140,13 +152,13 @@ class TrainConfig:
 
 
 def student_layer_ids(task: nn.Module) -> tuple[dict[str, int], int]:
-    """Depth index of each ``student.*`` parameter from the student's timm ``group_matcher`` (stem 0, block i
-    at i + 1, final norm and head last), and the number of layers; ({}, 1) without a matcher."""
-    student = getattr(task, "student", None)
-    if student is None or not hasattr(student, "group_matcher"):
+    """Depth index of each parameter of the trained model (full name in the task) from its timm ``group_matcher``
+    (stem 0, block i at i + 1, final norm and head last), and the number of layers; ({}, 1) without a matcher."""
+    prefix, student = trained_module(task)
+    if not hasattr(student, "group_matcher"):
         return {}, 1
     layers = group_parameters(student, student.group_matcher(coarse=False), reverse=True)
-    return {f"student.{name}": layer for name, layer in layers.items()}, max(layers.values()) + 1
+    return {f"{prefix}.{name}": layer for name, layer in layers.items()}, max(layers.values()) + 1
 
 
 def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
@@ -160,8 +172,9 @@ def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0)
     task) count as the last layer.
     """
     skip = set(task.no_weight_decay()) if hasattr(task, "no_weight_decay") else set()
-    if hasattr(getattr(task, "student", None), "no_weight_decay"):
-        skip |= {f"student.{n}" for n in task.student.no_weight_decay()}
+    prefix, student = trained_module(task)
+    if hasattr(student, "no_weight_decay"):
+        skip |= {f"{prefix}.{n}" for n in student.no_weight_decay()}
     layer_of, num_layers = student_layer_ids(task) if layer_decay < 1.0 else ({}, 1)
     if layer_decay < 1.0 and num_layers == 1:
         raise ValueError("train.layer_decay < 1 needs a student with a timm group_matcher() (its layers); "
@@ -261,13 +274,15 @@ class Trainer:
     def __init__(self, task: nn.Module, train_dataset: Dataset, cfg: TrainConfig, run_dir: Union[str, os.PathLike],
                  eval_fn: Optional[Callable[[nn.Module], dict]] = None, device: Union[str, torch.device, None] = None):
         cfg.validate()
-        if not isinstance(getattr(task, "student", None), nn.Module):
-            raise TypeError("the task must have a `student` attribute that is an nn.Module")
+        _, self.student = trained_module(task)
         self.rank, self.world_size, self.local_rank = init_distributed()
         cuda = torch.cuda.is_available()
         self.device = torch.device(device if device is not None else f"cuda:{self.local_rank}" if cuda else "cpu")
         self.task, self.cfg, self.eval_fn = task.to(self.device), cfg, eval_fn
         self.frozen = tuple(getattr(task, "frozen_prefixes", ()))
+        if not self.frozen and isinstance(task, TrainingTask) and isinstance(getattr(task, "teacher", None), nn.Module):
+            task.teacher.requires_grad_(False)  # as timm's prepare_distributed: DDP would wait for its gradients
+            self.frozen = ("teacher.",)
         trained = [n for n, p in task.named_parameters() if p.requires_grad and n.startswith(self.frozen)]
         if trained:
             raise ValueError(f"parameters under frozen_prefixes must have requires_grad=False: {trained[:5]}")
@@ -285,7 +300,7 @@ class Trainer:
         self.model: nn.Module = task
         if self.world_size > 1:  # wrapping broadcasts rank 0's weights, so build the EMA afterwards
             self.model = DistributedDataParallel(task, device_ids=[self.local_rank] if cuda else None)
-        self.ema = ModelEmaV3(task.student, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = ModelEmaV3(self.student, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.epoch = self.step = self.step_in_epoch = self.bad_steps = self._consecutive_bad = 0
         self.last_checkpoint: Optional[Path] = None
         self._saved_step, self._stop_signal, self._last_log, self._last_eval = -1, None, {}, None
@@ -388,7 +403,9 @@ class Trainer:
                 # Backward even for a NaN loss: under DDP every rank must join the all-reduce.
                 (out["loss"].float() / cfg.accum_steps).backward()
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v).detach().float() / cfg.accum_steps
+                v = torch.as_tensor(v)
+                if v.numel() == 1:  # not the batch's logits (timm tasks return them as "output")
+                    sums[k] = sums.get(k, 0.0) + v.detach().float().reshape(()) / cfg.accum_steps
             w["images"] += images.shape[0] * self.world_size
             self._images += images.shape[0] * self.world_size
         flags = torch.stack([(~torch.isfinite(sums["loss"])).float(),
@@ -404,7 +421,7 @@ class Trainer:
         else:
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self.task.student)
+                self.ema.update(self.student)
             self._consecutive_bad, w["good"] = 0, w["good"] + 1
             for k, v in sums.items():
                 w["sums"][k] = w["sums"].get(k, 0.0) + v
@@ -454,7 +471,7 @@ class Trainer:
         if self.eval_fn is None:
             return
         if self.rank == 0:
-            result = self.eval_fn(self.ema.module if self.ema is not None else self.task.student)
+            result = self.eval_fn(self.ema.module if self.ema is not None else self.student)
             self._last_eval = {k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v
                                for k, v in result.items()}
             self._append_metrics({"step": self.step, "epoch": self.epoch, "eval": self._last_eval})
@@ -506,7 +523,7 @@ class Trainer:
         st = restore_training_state(ckpt, self.task, self.optimizer, self.scheduler, ema, self.frozen, expect)
         if ema is not None and ckpt.ema is None:
             warnings.warn(f"{ckpt.path} has no EMA weights; the EMA restarts from the restored student")
-            self.ema.set(self.task.student)
+            self.ema.set(self.student)
         self.epoch, self.step, self.step_in_epoch = st["epoch"], st["step"], st["step_in_epoch"]
         self.bad_steps, self._consecutive_bad = st["bad_steps"], st["consecutive_bad"]
         restore_rng_state(st["rng"][self.rank])

@@ -1,19 +1,22 @@
 """Supervised training task: cross-entropy with label smoothing, plus optional logit distillation from a teacher.
 
 Used to train the demo teacher from scratch, to fine-tune a distilled student, and for the from-scratch
-baseline; it follows the task protocol of :class:`vitlinearizer.engine.Trainer`.
+baseline. It is a :class:`timm.task.TrainingTask`, as timm's own tasks are; :class:`vitlinearizer.engine.Trainer`
+trains any of them.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.task import TrainingTask
 
 from .objectives import logit_kd_loss
 
 
-class ClassificationTask(nn.Module):
-    """``forward(images, labels) -> dict(loss, ce[, kd])`` training ``student`` (any timm classifier).
+class ClassificationTask(TrainingTask):
+    """``forward(images, labels) -> dict(loss, output, ce, acc[, kd])`` training ``student`` (any timm classifier);
+    ``output``: the student's logits, as in timm's tasks.
 
     Args:
         student: the model trained and exported.
@@ -27,12 +30,21 @@ class ClassificationTask(nn.Module):
 
     def __init__(self, student: nn.Module, label_smoothing: float = 0.1, teacher: nn.Module | None = None,
                  kd_weight: float = 0.0, kd_temperature: float = 1.0):
-        super().__init__()
+        super().__init__(verbose=False)
         if kd_weight > 0 and teacher is None:
             raise ValueError("finetune.kd_weight > 0 needs a teacher (set teacher.weights)")
         self.student = student
         self.teacher = teacher if kd_weight > 0 else None
         self.label_smoothing, self.kd_weight, self.kd_temperature = label_smoothing, kd_weight, kd_temperature
+
+    def get_trainable_module(self, ema: bool = False) -> nn.Module | None:
+        return super().get_trainable_module(ema=True) if ema else self.student
+
+    def train(self, mode: bool = True) -> "ClassificationTask":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     def no_weight_decay(self) -> set[str]:
         names = self.student.no_weight_decay() if hasattr(self.student, "no_weight_decay") else set()
@@ -41,7 +53,7 @@ class ClassificationTask(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.student(images).float()
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        out = {"ce": ce.detach(), "acc": (logits.argmax(-1) == labels).float().mean()}
+        out = {"output": logits, "ce": ce.detach(), "acc": (logits.argmax(-1) == labels).float().mean()}
         if self.teacher is None:
             out["loss"] = ce
             return out
