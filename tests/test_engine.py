@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import multiprocessing
 import re
 import signal
@@ -408,3 +409,60 @@ def test_trainer_needs_the_task_to_name_its_model(tmp_path):
 
     with pytest.raises(TypeError, match="get_trainable_module"):
         W.train(tmp_path, task=Bare())
+
+
+# --------------------------------------------------------------------------- resuming what changed or finished
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the rates, which depend on the machine's speed."""
+    return [{k: v for k, v in json.loads(l).items() if k != "images_per_s"}
+            for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_within_a_logging_window_logs_what_an_uninterrupted_run_logs(tmp_path):
+    W.train(tmp_path / "whole")
+    # SIGTERM during forward call 5: the checkpoint at step 3 falls between the log lines of steps 2 and 4.
+    with pytest.raises(TrainingInterrupted) as info:
+        W.train(tmp_path / "cut", task=W.make_task(signal_at_call=5))
+    assert info.value.checkpoint.name == "step_00000003"
+    summary, _ = W.train(tmp_path / "cut", resume=True)
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
+    assert summary["final_metrics"]["loss"] == json.loads((tmp_path / "whole" / "summary.json").read_text())[
+        "final_metrics"]["loss"]
+
+
+def test_resuming_a_finished_run_keeps_its_results(tmp_path):
+    first, _ = W.train(tmp_path, eval_fn=lambda m: {"acc": 0.5})
+    again, _ = W.train(tmp_path, resume=True, eval_fn=lambda m: {"acc": 0.5})
+    assert again["steps"] == first["steps"] == 12 and not again["interrupted"]
+    assert again["final_metrics"] == first["final_metrics"] and again["last_eval"] == {"acc": 0.5}
+    # Over the whole run, not the seconds of the process that only found the run finished.
+    assert again["wall_time_s"] > 0.5 * first["wall_time_s"] and again["images_per_s"] < 2 * first["images_per_s"]
+
+
+def test_a_signal_after_the_last_step_still_stops_the_run(tmp_path):
+    def eval_fn(model):
+        if evals.append(1) or len(evals) == 2:  # the final epoch's evaluation
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"acc": 1.0}
+
+    evals = []
+    with pytest.raises(TrainingInterrupted) as info:
+        W.train(tmp_path, eval_fn=eval_fn)
+    assert info.value.exit_code == 130 and info.value.checkpoint.name == "step_00000012"
+    assert json.loads((tmp_path / "summary.json").read_text())["interrupted"] is True
+    summary, _ = W.train(tmp_path, resume=True)  # nothing left to train: completes, results kept
+    assert not summary["interrupted"] and summary["last_eval"] == {"acc": 1.0}
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"n": 40}, "dataset_len"),  # fewer samples: other batches, and a mid-epoch position that may not exist
+    ({"cfg": {"lr": 0.05}}, "lr"),
+    ({"cfg": {"epochs": 3}}, "epochs"),  # the cosine schedule was laid out for 2
+])
+def test_resume_refuses_changed_data_or_schedule(tmp_path, change, named):
+    with pytest.raises(TrainingInterrupted):
+        W.train(tmp_path, task=W.make_task(signal_at_call=7))
+    with pytest.raises(CheckpointError, match=rf"cannot resume .*'{named}'"):
+        W.train(tmp_path, resume=True, **change)

@@ -304,6 +304,10 @@ class Trainer:
         self.epoch = self.step = self.step_in_epoch = self.bad_steps = self._consecutive_bad = 0
         self.last_checkpoint: Optional[Path] = None
         self._saved_step, self._stop_signal, self._last_log, self._last_eval = -1, None, {}, None
+        self._window = _fresh_window(0.0)
+        self._t0 = time.perf_counter()
+        self._run_time_before = 0.0  # training seconds of earlier processes of this run (resumed)
+        self._images_before = 0
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to ``cfg.epochs``; return the summary also written to ``summary.json``.
@@ -329,11 +333,15 @@ class Trainer:
             seed_all(derive_seed(self.cfg.seed, self.rank, 2))
             self._trim_metrics(-1)  # a fresh run: records of an earlier one without checkpoints go
         t0, self._images, self._stop_signal, previous = time.perf_counter(), 0, None, {}
+        self._t0 = t0
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             interrupted = self._train()
             self._save(force=True)
+            # A signal during the last evaluation or checkpoint write came after the last step: the run is complete
+            # on disk, but the user asked to stop, which takes precedence over exporting and testing.
+            interrupted = interrupted or self._stop_signal is not None
         except TrainingDivergedError:
             self._write_summary(t0, interrupted=False, diverged=True)
             raise
@@ -364,7 +372,7 @@ class Trainer:
                                 generator=torch.Generator().manual_seed(derive_seed(cfg.seed, self.epoch, 1)))
             bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, dynamic_ncols=True,
                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=self.rank != 0 or not cfg.progress)
-            self._window = {"sums": {}, "good": 0, "images": 0, "t": time.perf_counter(), "lr": 0.0}
+            self._window["t"] = time.perf_counter()  # the rate counts this process's time only
             batches, stop = iter(loader), False
             try:
                 while self.step_in_epoch < self.steps_per_epoch:
@@ -448,7 +456,7 @@ class Trainer:
         scalars = {k: float(v) / w["good"] for k, v in w["sums"].items()} if w["good"] else {"loss": float("nan")}
         rec = {"step": self.step, "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch, "lr": w["lr"],
                **scalars, "images_per_s": w["images"] / max(now - w["t"], 1e-9), "bad_steps": self.bad_steps}
-        self._last_log, self._window = rec, {"sums": {}, "good": 0, "images": 0, "t": now, "lr": w["lr"]}
+        self._last_log, self._window = rec, _fresh_window(now, w["lr"])
         if self.rank == 0:
             bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.3g}", img_s=f"{rec['images_per_s']:.1f}")
             self._append_metrics(rec)
@@ -492,9 +500,16 @@ class Trainer:
             return None
         rng, error = gather_rng_states(self.world_size), None  # each rank resumes its own random stream
         if self.rank == 0:
+            w = self._window
             state = {"epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
                      "bad_steps": self.bad_steps, "consecutive_bad": self._consecutive_bad,
-                     "world_size": self.world_size, "config": self.cfg.to_dict(), "rng": rng}
+                     "world_size": self.world_size, "dataset_len": len(self.dataset), "config": self.cfg.to_dict(),
+                     "rng": rng, "last_log": self._last_log, "last_eval": self._last_eval,
+                     # the steps since the last log line, so that a resumed run logs the same averages
+                     "log_window": {"sums": {k: float(v) for k, v in w["sums"].items()}, "good": w["good"],
+                                    "images": w["images"], "lr": w["lr"]},
+                     "run_time_s": self._run_time_before + time.perf_counter() - self._t0,
+                     "images": self._images_before + self._images}
             try:
                 save_training_checkpoint(self.ckpt_dir, self.step, self.task, self.optimizer, self.scheduler, state,
                                          ema, self.frozen, keep=self.cfg.keep_checkpoints)
@@ -517,29 +532,49 @@ class Trainer:
             warnings.warn(f"resume requested but no valid checkpoint in {self.ckpt_dir}; starting from scratch")
             return False
         ema, cfg = self.ema.module if self.ema is not None else None, self.cfg
-        # The data order depends on these; a mismatch cannot resume exactly.
+        # The data order depends on these, and the optimiser and its lr schedule (restored from the checkpoint, which
+        # fixed their totals and peaks when the run started) on the rest: a change cannot resume exactly.
         expect = dict(batch_size=cfg.batch_size, accum_steps=cfg.accum_steps, seed=cfg.seed, drop_last=cfg.drop_last,
-                      world_size=self.world_size)
+                      world_size=self.world_size, **{k: getattr(cfg, k) for k in _SCHEDULE_FIELDS})
+        if "dataset_len" in ckpt.state:  # not recorded by checkpoints of earlier versions
+            expect["dataset_len"] = len(self.dataset)
         st = restore_training_state(ckpt, self.task, self.optimizer, self.scheduler, ema, self.frozen, expect)
         if ema is not None and ckpt.ema is None:
             warnings.warn(f"{ckpt.path} has no EMA weights; the EMA restarts from the restored student")
             self.ema.set(self.student)
         self.epoch, self.step, self.step_in_epoch = st["epoch"], st["step"], st["step_in_epoch"]
         self.bad_steps, self._consecutive_bad = st["bad_steps"], st["consecutive_bad"]
+        self._last_log, self._last_eval = st.get("last_log", {}), st.get("last_eval")
+        window = st.get("log_window")
+        if window is not None:
+            self._window = {**_fresh_window(0.0, window["lr"]), "good": window["good"], "images": window["images"],
+                            "sums": {k: torch.tensor(v) for k, v in window["sums"].items()}}
+        self._run_time_before, self._images_before = st.get("run_time_s", 0.0), st.get("images", 0)
         restore_rng_state(st["rng"][self.rank])
         self._saved_step, self.last_checkpoint = self.step, ckpt.path
         return True
 
     def _write_summary(self, t0: float, interrupted: bool, diverged: bool) -> dict[str, Any]:
-        wall = time.perf_counter() - t0
+        wall = self._run_time_before + time.perf_counter() - t0  # over every process of a resumed run
+        images = self._images_before + self._images
         summary = {"steps": self.step, "epochs_completed": self.epoch, "bad_steps": self.bad_steps,
                    "interrupted": interrupted, "diverged": diverged, "wall_time_s": wall,
-                   "images_per_s": self._images / max(wall, 1e-9), "world_size": self.world_size,
+                   "images_per_s": images / max(wall, 1e-9), "world_size": self.world_size,
                    "final_metrics": self._last_log, "last_eval": self._last_eval,
                    "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
         if self.rank == 0:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _fresh_window(t: float, lr: float = 0.0) -> dict[str, Any]:
+    """Running sums of the steps since the last log line."""
+    return {"sums": {}, "good": 0, "images": 0, "t": t, "lr": lr}
+
+
+# TrainConfig fields the optimiser and lr schedule take their values from when a run starts.
+_SCHEDULE_FIELDS = ("epochs", "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay", "betas", "eps",
+                    "layer_decay")
 
 
 def _logged_step(line: str) -> int | None:
