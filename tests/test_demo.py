@@ -182,10 +182,15 @@ def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     assert demo_module.preset_label("quick", demo_module.PRESETS["quick"]) == "quick"
     assert demo_module.preset_label("quick", preset) == \
         "quick, with distill_epochs=4, seeds=[3], objectives=['mask', 'none']"
+    fewer = demo_module.resolve_preset("quick", train_samples=2000)
+    assert (fewer.train_samples, fewer.teacher_train_samples) == (2000, 8000)  # the teacher keeps its images
+    values = demo_module._base_config(fewer, None, "cpu")
+    assert values["data"]["max_train_samples"] == 2000
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(distill_epochs=0), r"--distill-epochs must be >= 1, got 0"),
+    (dict(train_samples=0), r"--train-samples must be >= 1, got 0"),
     (dict(objectives=["both", "kd"]), r"--objectives: unknown 'kd'; choose from both, act, mask, none"),
     (dict(objectives=["none"]), r"at least one distillation objective"),
     (dict(mixers=["lstm"]), r"--mixers: unknown 'lstm'; choose from mamba2, gla, hgrn"),
@@ -210,7 +215,7 @@ def test_every_override_has_a_flag_and_unset_flags_keep_the_preset(capsys):
     import argparse
     parser = argparse.ArgumentParser()
     demo_module.add_demo_arguments(parser)
-    values = dict(distill_epochs="2", finetune_epochs="3", seeds=["4", "5"], objectives=["mask", "none"],
+    values = dict(train_samples="500", distill_epochs="2", finetune_epochs="3", seeds=["4", "5"], objectives=["mask", "none"],
                   mixers=["gla"], distill_lr="0.02", distill_warmup_epochs="0.3", distill_cls_weight="0.1", finetune_lr="0.04",
                   finetune_warmup_epochs="0.6", finetune_layer_decay="0.7", scratch_lr="0.08", scratch_warmup_epochs="0.9")
     assert set(values) == set(demo_module.OVERRIDABLE)
@@ -221,6 +226,7 @@ def test_every_override_has_a_flag_and_unset_flags_keep_the_preset(capsys):
     preset = demo_module.resolve_preset("full", **{key: given[key] for key in demo_module.OVERRIDABLE})
     assert preset.seeds == [4, 5] and preset.objectives == ["mask", "none"] and preset.mixers == ["gla"]
     assert (preset.distill_epochs, preset.finetune_epochs, preset.scratch_warmup_epochs) == (2, 3, 0.9)
+    assert preset.train_samples == 500 and preset.teacher_train_samples is None  # full: the teacher sees every image
 
     unset = parser.parse_args([])
     assert not any(hasattr(unset, key) for key in demo_module.OVERRIDABLE)

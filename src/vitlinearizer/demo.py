@@ -105,6 +105,9 @@ PRESETS = {
 
 # The preset fields a demo flag may replace (--distill-epochs sets distill_epochs, and so on), with their flags.
 _OVERRIDE_FLAGS = {
+    "train_samples": dict(type=int, metavar="N",
+                          help="training images of the student stages (a class-balanced subset; the teacher keeps "
+                               "the preset's)"),
     "distill_epochs": dict(type=int, metavar="N", help="distillation epochs"),
     "finetune_epochs": dict(type=int, metavar="N",
                             help="fine-tuning epochs (the scratch baseline gets distill + finetune epochs)"),
@@ -137,7 +140,7 @@ def resolve_preset(name: str, **overrides) -> Preset:
     def flag(key):
         return "--" + key.replace("_", "-")
 
-    for key in ("distill_epochs", "finetune_epochs"):
+    for key in ("train_samples", "distill_epochs", "finetune_epochs"):
         if overrides.get(key, 1) < 1:
             raise ValueError(f"{flag(key)} must be >= 1, got {overrides[key]}")
     for key in ("distill_warmup_epochs", "finetune_warmup_epochs", "scratch_warmup_epochs"):
@@ -156,7 +159,10 @@ def resolve_preset(name: str, **overrides) -> Preset:
             raise ValueError(f"{flag(key)}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
     if set(overrides.get("objectives", ["both"])) == {"none"}:
         raise ValueError("--objectives: give at least one distillation objective (both, mask or act) besides none")
-    return replace(PRESETS[name], **overrides)
+    preset = PRESETS[name]
+    if "train_samples" in overrides and preset.teacher_train_samples == "same":
+        overrides["teacher_train_samples"] = preset.train_samples  # the flag is about the students only
+    return replace(preset, **overrides)
 
 
 def preset_label(name: str, preset: Preset) -> str:
