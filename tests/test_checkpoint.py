@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import random
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from vitlinearizer import checkpoint as C
 from vitlinearizer.checkpoint import (
     EMA_FILE,
     LATEST_FILE,
+    MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
@@ -47,7 +49,7 @@ def test_roundtrip_weights_only_latest_and_pruning(tmp_path):
     for step in (1, 2, 3):
         path = _save(tmp_path, step, keep=2)
     assert path == tmp_path / "step_00000003"
-    assert sorted(p.name for p in path.iterdir()) == sorted([MODEL_FILE, EMA_FILE, STATE_FILE])
+    assert sorted(p.name for p in path.iterdir()) == sorted([MODEL_FILE, EMA_FILE, STATE_FILE, MANIFEST_FILE])
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]  # keep=2
     assert (tmp_path / LATEST_FILE).read_text() == "step_00000003\n"
     state = torch.load(path / STATE_FILE, weights_only=True)
@@ -81,7 +83,8 @@ def test_tied_and_strided_tensors_and_frozen_prefixes():
     assert torch.equal(loaded["dec.weight"], loaded["enc.weight"]) and torch.equal(loaded["view"], state["view"])
 
 
-@pytest.mark.parametrize("damage", ["truncate_model", "delete_state", "garbage_state", "delete_ema"])
+@pytest.mark.parametrize("damage", ["truncate_model", "delete_state", "garbage_state", "delete_ema",
+                                    "garbage_manifest"])
 def test_damaged_newest_falls_back_with_warning(tmp_path, damage):
     _save(tmp_path, 1)
     newest = _save(tmp_path, 2)
@@ -92,6 +95,8 @@ def test_damaged_newest_falls_back_with_warning(tmp_path, damage):
         (newest / STATE_FILE).unlink()
     elif damage == "garbage_state":
         (newest / STATE_FILE).write_bytes(b"\x00not a pickle")
+    elif damage == "garbage_manifest":
+        (newest / MANIFEST_FILE).write_bytes(b'{"files": ')
     else:
         (newest / EMA_FILE).unlink()
     # A crash mid-write leaves a hidden temp dir, possibly with a higher step: never used.
@@ -102,6 +107,32 @@ def test_damaged_newest_falls_back_with_warning(tmp_path, damage):
     assert ckpt.step == 1 and ckpt.model["w"][0, 0] == 1.0
     with pytest.raises(CheckpointError):
         load_checkpoint(newest)
+
+
+@pytest.mark.parametrize("name", [MODEL_FILE, EMA_FILE, STATE_FILE])
+def test_damaged_tensor_bytes_fall_back_with_warning(tmp_path, name):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    # Bytes inside the tensor data: the file still parses (safetensors header, zip directory), so only the
+    # manifest's checksum tells.
+    data = bytearray((newest / name).read_bytes())
+    if name == STATE_FILE:
+        start = data.find(load_checkpoint(newest).state["rng"][0]["torch"].numpy().tobytes())
+    else:
+        start = 8 + int.from_bytes(data[:8], "little")  # safetensors: 8-byte header length, header, tensors
+    assert start > 0
+    data[start:start + 8] = b"\xff" * 8
+    (newest / name).write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=f"damaged checkpoint .*step_00000002: .*{re.escape(name)} is damaged"):
+        ckpt = load_latest_checkpoint(tmp_path)
+    assert ckpt.step == 1 and ckpt.model["w"][0, 0] == 1.0
+
+
+def test_a_checkpoint_written_before_manifests_still_loads(tmp_path):
+    path = _save(tmp_path, 1)
+    (path / MANIFEST_FILE).unlink()
+    ckpt = load_checkpoint(path)
+    assert ckpt.step == 1 and torch.equal(ckpt.ema["w"], torch.full((2, 3), 1.0))
 
 
 def test_disk_full_keeps_previous_checkpoint_and_removes_temp_dir(tmp_path, monkeypatch):
@@ -162,6 +193,15 @@ def test_resume_refuses_changed_data_order(tmp_path):
     W.train(tmp_path, cfg={"epochs": 1})
     with pytest.raises(CheckpointError, match="batch_size"):
         W.train(tmp_path, resume=True, cfg={"epochs": 2, "batch_size": 2})
+
+
+def test_resume_refuses_changed_trained_parameters(tmp_path):
+    W.train(tmp_path)
+    task = W.make_task()
+    task.student[1].requires_grad_(False)  # as another layer_decay or objective would: other parameters train
+    with pytest.raises(CheckpointError, match="the set of trained parameters or their optimizer groups changed .*"
+                       "resume with the settings the run was started with"):
+        W.train(tmp_path, resume=True, task=task)
 
 
 def test_rng_state_roundtrip_through_weights_only(tmp_path):

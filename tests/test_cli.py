@@ -245,6 +245,37 @@ def test_yaml_config_unknown_key_is_named(tmp_path, capsys):
     assert "unknown key 'train.epoch' (did you mean 'epochs'?)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command,option,model", [
+    ("finetune", "student.model_kwargs", "adventurer_nano_patch4_28"),
+    ("train-teacher", "teacher.model_kwargs", "vit_tiny_patch16_224"),
+    ("distill", "teacher.model_kwargs", "vit_tiny_patch16_224"),  # built by the Teacher, which wraps timm's error
+])
+def test_an_argument_the_model_does_not_take_is_named(tmp_path, capsys, command, option, model):
+    kwargs = {"student.model_kwargs": "{grad_checkpointing: true}",
+              "teacher.model_kwargs": "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, "
+                                      "grad_checkpointing: true}"}
+    assert main([command, *TINY, f"--{option}", kwargs[option], "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vitlinearizer {command}: error: {option}: {model} does not accept grad_checkpointing ")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_diverged_run_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from vitlinearizer import runner
+    from vitlinearizer.engine import TrainingDivergedError
+
+    message = ("training diverged: 10 consecutive steps with a non-finite loss or gradient norm (up to step 18, "
+               "epoch 1); the last good checkpoint is run/checkpoints/step_00000008. Lower lr, set clip_grad or check "
+               "the data.")
+
+    def diverge(cfg, resume=False):
+        raise TrainingDivergedError(message)
+
+    monkeypatch.setattr(runner, "finetune", diverge)
+    assert main(["finetune", *TINY, "--output_dir", str(tmp_path / "run")]) == 1  # a failed run, not bad input
+    assert capsys.readouterr().err == f"vitlinearizer finetune: error: {message}\n"
+
+
 def test_help_documents_every_option():
     assert set(all_keys()) <= set(HELP), set(all_keys()) - set(HELP)
     out = subprocess.run([sys.executable, "-m", "vitlinearizer", "distill", "--help"], capture_output=True, text=True,

@@ -22,7 +22,15 @@ def test_a_run_directory_is_not_started_over_or_resumed_differently(tmp_path, ca
     assert "holds checkpoints of an earlier run" in capsys.readouterr().err
     assert main(["finetune", *TINY, "--output_dir", str(run), "--train.batch_size", "4", "--resume"]) == 2
     assert "batch_size" in capsys.readouterr().err
-    # Both refusals left the directory describing the run its checkpoints belong to.
+    # Refused by the Trainer, before the resume looks at the checkpoints.
+    assert main(["finetune", *TINY, "--output_dir", str(run), "--train.batch_size", "64", "--resume"]) == 2
+    assert "too small for one step" in capsys.readouterr().err
+    # Another student width: torch lists the tensors whose shapes differ over many lines.
+    wider = TINY[:-1] + ["{depth: 2, embed_dim: 48, mixer_kwargs: {d_state: 8, head_dim: 16}}"]
+    assert main(["finetune", *wider, "--output_dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the task: " in err and "size mismatch" in err and len(err.splitlines()) == 1
+    # The refusals left the directory describing the run its checkpoints belong to.
     assert (run / "config.yaml").read_text() == config
     assert yaml.safe_load(config)["train"]["batch_size"] == 8
     assert (run / "metrics.jsonl").read_text() == metrics
@@ -55,3 +63,10 @@ def test_the_supervised_row_of_the_ablation_exports_a_tested_classifier(tmp_path
     assert main(["distill", *TINY, *teacher, "--distill.objective", "none", "--output_dir", str(run)]) == 0
     assert "test" in capsys.readouterr().out  # objective none trains the head: it is tested, as finetune is
     assert read_export_metadata(run / "student.safetensors")["kind"] == "student"
+    # Resumed as an activation-matching distillation, the same tensors exist but others train (the mask token, not
+    # the head and final norm): refused in one line, not with torch's error.
+    config = (run / "config.yaml").read_text()
+    assert main(["distill", *TINY, *teacher, "--distill.objective", "act", "--output_dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the set of trained parameters or their optimizer groups changed" in err and len(err.splitlines()) == 1
+    assert (run / "config.yaml").read_text() == config

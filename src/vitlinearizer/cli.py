@@ -15,6 +15,7 @@ import yaml
 
 from . import config as C
 from .checkpoint import CheckpointError
+from .engine import TrainingDivergedError
 
 TRAINING_COMMANDS = {
     "train-teacher": "train a timm ViT teacher from scratch with labels (the demo's teacher)",
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except yaml.YAMLError as exc:
         print(f"vitlinearizer {args.command}: error: {_yaml_problem(exc)}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as exc:  # the run failed, not its input: 1, as for any other failure
+        print(f"vitlinearizer {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         print(f"vitlinearizer {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)

@@ -7,6 +7,7 @@ preprocessing), so ``eval`` and ``predict`` need nothing but the file.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -126,6 +127,24 @@ def architecture_changes(path: str | Path) -> list[str]:
     return changes
 
 
+@contextlib.contextmanager
+def _model_kwargs_checked(option: str, model_name: str, model_kwargs: dict):
+    """A model that rejects ``model_kwargs`` (timm passes them to its constructor, which raises a TypeError) fails
+    as a one-line ValueError naming the option, the model and the argument where the TypeError names it."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:
+        cause = exc if isinstance(exc, TypeError) else exc.__cause__  # the Teacher wraps timm's TypeError
+        named = [k for k in model_kwargs if re.search(rf"\b{re.escape(k)}\b", str(cause))]
+        if not isinstance(cause, TypeError) or not (named or (cause is exc and model_kwargs)):
+            raise  # not about model_kwargs (e.g. a teacher that is no ViT)
+        if named:
+            raise ValueError(f"{option}: {model_name} does not accept {', '.join(named)} ({cause}); remove or "
+                             f"correct it in {option}") from exc
+        raise ValueError(f"{model_name} cannot be built with {option} {model_kwargs} ({cause}); correct "
+                         f"{option}") from exc
+
+
 def _seed_initialisation(cfg: RunConfig) -> None:
     """Model initialisation follows train.seed, not whatever drew random numbers earlier in this process: a
     stage gives the same result alone (CLI) or after other stages (the demo), and --train.seed changes it."""
@@ -152,12 +171,15 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     """Train ``task``, export its student (the EMA copy when EMA is on) with metadata, test it, write the summary."""
     run_dir = Path(cfg.output_dir)
     previous_config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
-    _write_config(cfg, run_dir)
     eval_fn = None
     if holdout is not None:
         def eval_fn(model):
             return {f"holdout_{k}": v for k, v in evaluate_classifier(model, holdout, cfg.train.batch_size * 2).items()}
     trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=resolve_device(cfg.device))
+    # Written once the Trainer accepted the settings (a batch larger than the data set fails in it), so that a
+    # refused run leaves the directory describing the run its checkpoints belong to.
+    if trainer.rank == 0:
+        _write_config(cfg, run_dir)
     try:
         summary = trainer.fit(resume=resume)
     except CheckpointError:
@@ -232,8 +254,9 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
     kwargs = dict(cfg.student.model_kwargs)
     kwargs.update(mixer=cfg.student.mixer, drop_path_rate=cfg.student.drop_path_rate)
     try:
-        model = timm.create_model(cfg.student.model, num_classes=num_classes, img_size=_img_size(cfg.data),
-                                  use_mask_token=use_mask_token, **kwargs)
+        with _model_kwargs_checked("student.model_kwargs", cfg.student.model, cfg.student.model_kwargs):
+            model = timm.create_model(cfg.student.model, num_classes=num_classes, img_size=_img_size(cfg.data),
+                                      use_mask_token=use_mask_token, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ValueError(f"student.model {cfg.student.model!r} is unknown; choose one of "
@@ -266,8 +289,9 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
 def build_teacher(cfg: RunConfig, num_classes: int, data_mean, data_std) -> Teacher:
     if not cfg.teacher.weights:
         warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher", stacklevel=2)
-    teacher = Teacher(cfg.teacher.model, weights=cfg.teacher.weights, img_size=_img_size(cfg.data),
-                      num_classes=num_classes, ignore_head=cfg.teacher.ignore_head, **cfg.teacher.model_kwargs)
+    with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
+        teacher = Teacher(cfg.teacher.model, weights=cfg.teacher.weights, img_size=_img_size(cfg.data),
+                          num_classes=num_classes, ignore_head=cfg.teacher.ignore_head, **cfg.teacher.model_kwargs)
     teacher.set_input_normalization(data_mean, data_std)
     return teacher
 
@@ -294,8 +318,9 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised training of a timm ViT teacher from scratch (the demo's teacher)."""
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
-    model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
-                              **cfg.teacher.model_kwargs)
+    with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
+        model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
+                                  **cfg.teacher.model_kwargs)
     task = ClassificationTask(model, label_smoothing=cfg.finetune.label_smoothing)
     return _train_and_export(task, cfg, info, train_ds, holdout, resume, "teacher", cfg.teacher.model,
                              cfg.teacher.model_kwargs, "teacher.safetensors")
