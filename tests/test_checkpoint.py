@@ -22,7 +22,6 @@ from vitlinearizer.checkpoint import (
     STATE_FILE,
     CheckpointError,
     CheckpointNoSpaceError,
-    capture_rng_state,
     export_model,
     export_student,
     list_checkpoints,
@@ -30,9 +29,9 @@ from vitlinearizer.checkpoint import (
     load_latest_checkpoint,
     module_state_for_checkpoint,
     read_export_metadata,
-    restore_rng_state,
     save_checkpoint,
 )
+from vitlinearizer.seeding import capture_rng_state, restore_rng_state
 
 
 def _save(root, step, value=None, keep=0, ema=True):

@@ -20,14 +20,15 @@ import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import (CheckpointError, derive_seed, export_model, pretrained_cfg_overlay, read_export_metadata,
-                         seed_all, update_pretrained_cfg, write_text_atomic)
+from .checkpoint import (CheckpointError, export_model, pretrained_cfg_overlay, read_export_metadata,
+                         update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, StudentConfig, dump_yaml
 from .data import DataConfig, build_dataset, build_transform, check_data_source, dataset_info, load_rgb
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
 from .models.adventurer import checkpoint_filter_fn, patch_grid
+from .seeding import derive_seed, seed_all
 from .teacher import Teacher, load_state_dict_safely
 
 
