@@ -216,7 +216,7 @@ class Trainer:
         self._window = _fresh_window(0.0)
         self._t0 = time.perf_counter()
         self._run_time_before = 0.0  # training seconds of earlier processes of this run (resumed)
-        self._images_before = 0
+        self._images = 0  # images trained on in this run, over every process (resumed)
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to ``cfg.epochs``; return the summary also written to ``summary.json``.
@@ -241,8 +241,7 @@ class Trainer:
         else:
             seed_all(derive_seed(self.cfg.seed, self.rank, 2))
             self._trim_metrics(-1)  # a fresh run: records of an earlier one without checkpoints go
-        t0, self._images, self._stop_signal, previous = time.perf_counter(), 0, None, {}
-        self._t0 = t0
+        self._t0, self._stop_signal, previous = time.perf_counter(), None, {}
         if threading.current_thread() is threading.main_thread():  # signal.signal works only there
             previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -252,12 +251,12 @@ class Trainer:
             # on disk, but the user asked to stop, which takes precedence over exporting and testing.
             interrupted = interrupted or self._stop_signal is not None
         except TrainingDivergedError:
-            self._write_summary(t0, interrupted=False, diverged=True)
+            self._write_summary(interrupted=False, diverged=True)
             raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        summary = self._write_summary(t0, interrupted=interrupted, diverged=False)
+        summary = self._write_summary(interrupted=interrupted, diverged=False)
         if interrupted:
             raise TrainingInterrupted(self._stop_signal, self.last_checkpoint)
         return summary
@@ -417,8 +416,7 @@ class Trainer:
                      # the steps since the last log line, so that a resumed run logs the same averages
                      "log_window": {"sums": {k: float(v) for k, v in w["sums"].items()}, "good": w["good"],
                                     "images": w["images"], "lr": w["lr"]},
-                     "run_time_s": self._run_time_before + time.perf_counter() - self._t0,
-                     "images": self._images_before + self._images}
+                     "run_time_s": self._run_time(), "images": self._images}
             try:
                 save_training_checkpoint(self.ckpt_dir, self.step, self.task, self.optimizer, self.scheduler, state,
                                          ema, self.frozen, keep=self.cfg.keep_checkpoints)
@@ -458,17 +456,20 @@ class Trainer:
         if window is not None:
             self._window = {**_fresh_window(0.0, window["lr"]), "good": window["good"], "images": window["images"],
                             "sums": {k: torch.tensor(v) for k, v in window["sums"].items()}}
-        self._run_time_before, self._images_before = st.get("run_time_s", 0.0), st.get("images", 0)
+        self._run_time_before, self._images = st.get("run_time_s", 0.0), st.get("images", 0)
         restore_rng_state(st["rng"][self.rank])
         self._saved_step, self.last_checkpoint = self.step, ckpt.path
         return True
 
-    def _write_summary(self, t0: float, interrupted: bool, diverged: bool) -> dict[str, Any]:
-        wall = self._run_time_before + time.perf_counter() - t0  # over every process of a resumed run
-        images = self._images_before + self._images
+    def _run_time(self) -> float:
+        """Training seconds over every process of a (resumed) run."""
+        return self._run_time_before + time.perf_counter() - self._t0
+
+    def _write_summary(self, interrupted: bool, diverged: bool) -> dict[str, Any]:
+        wall = self._run_time()
         summary = {"steps": self.step, "epochs_completed": self.epoch, "bad_steps": self.bad_steps,
                    "interrupted": interrupted, "diverged": diverged, "wall_time_s": wall,
-                   "images_per_s": images / max(wall, 1e-9), "world_size": self.world_size,
+                   "images_per_s": self._images / max(wall, 1e-9), "world_size": self.world_size,
                    "final_metrics": self._last_log, "last_eval": self._last_eval,
                    "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
         if self.rank == 0:

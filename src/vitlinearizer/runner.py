@@ -192,7 +192,7 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
         cleanup_distributed()
     if trainer.rank != 0:
         return summary
-    trained = trainer.ema.module if trainer.ema is not None else task.student
+    trained = trainer.ema.module if trainer.ema is not None else trainer.student
     meta = model_metadata(kind, model_name, model_kwargs, cfg.data, info)
     summary["exported"] = str(export_model(trained, run_dir / filename, meta))
     return _finish(summary, run_dir, trained, cfg, train_ds, holdout, test_split=kind != "distilled-student")
