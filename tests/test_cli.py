@@ -251,12 +251,11 @@ def test_yaml_config_unknown_key_is_named(tmp_path, capsys):
     ("distill", "teacher.model_kwargs", "vit_tiny_patch16_224"),  # built by the Teacher, which wraps timm's error
 ])
 def test_an_argument_the_model_does_not_take_is_named(tmp_path, capsys, command, option, model):
-    kwargs = {"student.model_kwargs": "{grad_checkpointing: true}",
-              "teacher.model_kwargs": "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, "
-                                      "grad_checkpointing: true}"}
+    kwargs = {"student.model_kwargs": "{num_head: 4}",
+              "teacher.model_kwargs": "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, num_head: 4}"}
     assert main([command, *TINY, f"--{option}", kwargs[option], "--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"vitlinearizer {command}: error: {option}: {model} does not accept grad_checkpointing ")
+    assert err.startswith(f"vitlinearizer {command}: error: {option}: {model} does not accept num_head ")
     assert len(err.splitlines()) == 1 and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -282,3 +281,23 @@ def test_help_documents_every_option():
                          check=True).stdout
     for key in all_keys():
         assert f"--{key}" in out, key
+
+
+def test_gradient_checkpointing_trains_the_same_student(pipeline, tmp_path, monkeypatch):
+    """--student.grad_checkpointing recomputes the blocks in the backward: the trained weights are those of the
+    run without it (the recomputation replays the same random numbers), and the flag reaches the model."""
+    import vitlinearizer.runner as runner
+    built = []
+    build_student = runner.build_student
+    monkeypatch.setattr(runner, "build_student", lambda *a, **k: built.append(build_student(*a, **k)) or built[-1])
+    teacher = str(pipeline / "teacher" / "teacher.safetensors")
+    extra = ["--teacher.weights", teacher, "--student.drop_path_rate", "0.2"]
+    assert main(["distill", *TINY, *extra, "--output_dir", str(tmp_path / "plain")]) == 0
+    assert main(["distill", *TINY, *extra, "--student.grad_checkpointing", "true",
+                 "--output_dir", str(tmp_path / "checkpointed")]) == 0
+    assert [m.grad_checkpointing for m in built] == [False, True]
+    plain = safetensors.torch.load_file(tmp_path / "plain" / "student.safetensors")
+    checkpointed = safetensors.torch.load_file(tmp_path / "checkpointed" / "student.safetensors")
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)

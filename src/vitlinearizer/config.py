@@ -34,12 +34,14 @@ class StudentConfig:
     model: str = "adventurer_nano_patch4_28"
     mixer: str = "mamba2"
     drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
     model_kwargs: dict = field(default_factory=dict)
     checkpoint: str | None = None
 
     def validate(self) -> None:
         _check_model_kwargs("student", self.model_kwargs, {
             "mixer": "use student.mixer", "drop_path_rate": "use student.drop_path_rate",
+            "grad_checkpointing": "use student.grad_checkpointing",
             "img_size": "use data.img_size", "num_classes": "the class count comes from the data",
             "use_mask_token": "distill adds the mask token itself"})
 
@@ -133,6 +135,8 @@ HELP = {
     "student.model": "student architecture (timm name, e.g. adventurer_small_patch16_224)",
     "student.mixer": "token mixer: mamba2 | gla | hgrn",
     "student.drop_path_rate": "stochastic-depth rate",
+    "student.grad_checkpointing": "recompute each block in the backward instead of keeping its activations "
+                                  "(less memory at high resolution, ~1/3 more compute; outputs unchanged)",
     "student.model_kwargs": "extra keyword arguments for timm.create_model",
     "student.checkpoint": "initial student weights (.safetensors), e.g. a distilled student for finetune",
     "teacher.model": "teacher architecture (timm ViT name)",

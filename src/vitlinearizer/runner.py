@@ -264,6 +264,7 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
                              f"{', '.join(timm.list_models('adventurer*'))}") from exc
         raise
     model.patch_grid(*_img_size(cfg.data))  # a resolution that does not fit the patch size fails here
+    model.set_grad_checkpointing(cfg.student.grad_checkpointing)
     if cfg.student.checkpoint:
         state = load_state_dict_safely(cfg.student.checkpoint, model_keys=model.state_dict().keys())
         # Resamples the position embedding to this resolution.
