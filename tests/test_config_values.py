@@ -23,6 +23,7 @@ def test_model_kwargs_without_a_space_after_the_colon_are_refused():
     ("student.model_kwargs", "{img_size: 32}", "must not set 'img_size': use data.img_size"),
     ("student.model_kwargs", "{num_classes: 5}", "must not set 'num_classes'"),
     ("student.model_kwargs", "{drop_path_rate: 0.1}", "use student.drop_path_rate"),
+    ("student.model_kwargs", "{grad_checkpointing: true}", "use student.grad_checkpointing"),
     ("teacher.model_kwargs", "{img_size: 32}", "teacher.model_kwargs must not set 'img_size'"),
     ("teacher.model_kwargs", "{num_classes: 5}", "teacher.ignore_head"),
 ])
