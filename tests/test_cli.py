@@ -1,7 +1,9 @@
 """The CLI end to end on tiny synthetic data: every command, config checking, and the exported files."""
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import safetensors.torch
@@ -190,6 +192,45 @@ def test_the_summary_records_the_files_a_run_skipped(tmp_path):
     many = SimpleNamespace(skipped=[(f"{i}.jpg", "bad") for i in range(250)])
     listed = _skipped_files({"train": many, "holdout": None, "test": SimpleNamespace(skipped=[])})
     assert listed.keys() == {"train"} and listed["train"]["count"] == 250 and len(listed["train"]["files"]) == 100
+
+
+def test_the_summary_records_files_that_fail_only_in_a_data_loader_worker(tmp_path):
+    """With data.verify none a broken file passes the scan and fails in a worker process, whose own record of
+    it dies with the worker: the summary must list it all the same, once."""
+    from vitlinearizer.data import DataWarning
+
+    _image_folder(tmp_path / "data")
+    broken = tmp_path / "data" / "train" / "circle" / "bad.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    run = tmp_path / "run"
+    args = ["finetune", "--data.name", "imagefolder", "--data.root", str(tmp_path / "data"), "--data.img_size", "28",
+            "--data.verify", "none", "--student.model_kwargs", "{depth: 2, embed_dim: 32, mixer_kwargs: {d_state: 8, "
+            "head_dim: 16}}", "--train.epochs", "2", "--train.batch_size", "4", "--train.num_workers", "2",
+            "--train.progress", "false", "--output_dir", str(run)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        assert main(args) == 0
+    skipped = json.loads((run / "summary.json").read_text())["skipped_files"]
+    assert skipped.keys() == {"train"}  # the broken file is in train/ and never reached the holdout
+    assert skipped["train"]["count"] == 1 and skipped["train"]["files"][0]["path"] == str(broken)
+    assert "Error" in skipped["train"]["files"][0]["reason"]
+    # A run that died before its first checkpoint leaves its records; the next run there starts its own.
+    shutil.rmtree(run / "checkpoints")
+    broken.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        assert main([*args, "--train.num_workers", "0"]) == 0
+    assert json.loads((run / "summary.json").read_text())["skipped_files"] == {}
+
+
+def test_skip_log_keeps_the_first_record_of_each_file_and_survives_a_cut_line(tmp_path):
+    from vitlinearizer.data import read_skip_log
+
+    log = tmp_path / "train.jsonl"
+    assert read_skip_log(log) == []
+    log.write_text('{"path": "a.jpg", "reason": "first"}\n{"path": "b.jpg", "reason": "x"}\n'
+                   '{"path": "a.jpg", "reason": "again"}\n{"path": "c.j')
+    assert read_skip_log(log) == [("a.jpg", "first"), ("b.jpg", "x")]
 
 
 def test_resume_reproduces_uninterrupted_run(pipeline, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import copy
 import gzip
+import json
 import os
 import struct
 import warnings
@@ -153,6 +154,9 @@ class VisionDataset(Dataset, abc.ABC):
         self.keys, self.targets = np.asarray(keys), np.asarray(targets, dtype=np.int64)
         self.classes, self.transform = list(classes), transform
         self.skipped: list[tuple[str, str]] = []  # (path, reason); only ImageFolder ever fills it
+        # A JSON-lines file that runtime skips are appended to as well: a DataLoader worker's ``skipped`` dies with
+        # the worker, the file is how the main process learns of them (``read_skip_log``).
+        self.skip_log: Optional[Path] = None
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +186,29 @@ class VisionDataset(Dataset, abc.ABC):
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.targets, minlength=self.num_classes)
+
+    def _record_skip(self, path: str, reason: str) -> None:
+        self.skipped.append((path, reason))
+        if self.skip_log is not None:
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)
+            # One short line per write in append mode: lines from concurrent workers do not interleave.
+            with open(self.skip_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"path": path, "reason": reason}) + "\n")
+
+
+def read_skip_log(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """The (path, reason) pairs a ``skip_log`` file holds, first occurrence of each path only (every worker, and
+    every epoch of a resumed run, may log the same file again); [] when nothing was skipped."""
+    if not Path(path).is_file():
+        return []
+    entries: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill; the file is a record, not a result
+            continue
+        entries.setdefault(record["path"], record["reason"])
+    return list(entries.items())
 
 
 def read_idx(path: str | os.PathLike, expected_ndim: int) -> np.ndarray:
@@ -370,7 +397,7 @@ class ImageFolderDataset(VisionDataset):
     verify: "full" decodes every image once (~1 ms per small image, about a minute per 20k ImageNet-size JPEGs
     on one core; cached per file), "header" only parses headers, "none" trusts the tree. A file that still fails
     in ``__getitem__`` is replaced by the next sample and appended to ``skipped`` (in the worker process that
-    hit it). ``class_names`` (the train folder's classes) fixes the label mapping for val."""
+    hit it) and to ``skip_log`` when set. ``class_names`` (the train folder's classes) fixes the label mapping for val."""
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Optional[Callable] = None, *,
                  class_names: Optional[Sequence[str]] = None, verify: str = "full", strict: bool = False):
@@ -428,7 +455,7 @@ class ImageFolderDataset(VisionDataset):
                 img = self.load(i)
             except Exception as e:  # the run must not die mid-epoch over one file
                 self._bad.add(path)
-                self.skipped.append((path, f"{type(e).__name__}: {e}"))
+                self._record_skip(path, f"{type(e).__name__}: {e}")
                 warnings.warn(f"could not decode {path} ({type(e).__name__}: {e}); using the next sample",
                               DataWarning, stacklevel=2)
                 continue

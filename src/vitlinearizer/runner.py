@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (CheckpointError, export_model, pretrained_cfg_overlay, read_export_metadata,
                          update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, StudentConfig, dump_yaml
-from .data import DataConfig, build_dataset, build_transform, check_data_source, dataset_info, load_rgb
+from .data import (DataConfig, build_dataset, build_transform, check_data_source, dataset_info, load_rgb,
+                   read_skip_log)
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
@@ -176,6 +178,11 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     if holdout is not None:
         def eval_fn(model):
             return {f"holdout_{k}": v for k, v in evaluate_classifier(model, holdout, cfg.train.batch_size * 2).items()}
+    if not resume:
+        shutil.rmtree(run_dir / _SKIP_LOG_DIR, ignore_errors=True)  # an earlier run's records are not this run's
+    for split, ds in (("train", train_ds), ("holdout", holdout)):
+        if ds is not None:
+            ds.skip_log = _skip_log(run_dir, split)
     trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=resolve_device(cfg.device))
     # Written once the Trainer accepted the settings (a batch larger than the data set fails in it), so that a
     # refused run leaves the directory describing the run its checkpoints belong to.
@@ -200,16 +207,31 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
 
 # The warnings name at most 50 files; the summary keeps more, for a later look at what a run left out.
 _SKIPPED_LISTED = 100
+_SKIP_LOG_DIR = "skipped"
+
+
+def _skip_log(run_dir: Path, split: str) -> Path:
+    return run_dir / _SKIP_LOG_DIR / f"{split}.jsonl"
 
 
 def _skipped_files(datasets: dict) -> dict:
     """Per split, the files left out as unreadable: their count and the first ``_SKIPPED_LISTED`` (path, reason).
 
-    train and holdout both list the scan of train/ (a file is dropped before the split is drawn); files that
-    fail later only in a DataLoader worker process are not seen here."""
-    return {split: {"count": len(ds.skipped),
-                    "files": [{"path": p, "reason": r} for p, r in ds.skipped[:_SKIPPED_LISTED]]}
-            for split, ds in datasets.items() if ds is not None and ds.skipped}
+    train and holdout both list the scan of train/ (a file is dropped before the split is drawn); a file that
+    passed the scan and failed to decode later, in this process or a DataLoader worker, is read from the
+    split's ``skip_log``."""
+    listed = {}
+    for split, ds in datasets.items():
+        if ds is None:
+            continue
+        skipped = dict(ds.skipped)
+        if getattr(ds, "skip_log", None) is not None:
+            for path, reason in read_skip_log(ds.skip_log):
+                skipped.setdefault(path, reason)
+        if skipped:
+            listed[split] = {"count": len(skipped), "files": [{"path": p, "reason": r} for p, r in
+                                                              list(skipped.items())[:_SKIPPED_LISTED]]}
+    return listed
 
 
 def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, train_ds, holdout,
@@ -217,6 +239,7 @@ def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, trai
     test = None
     if test_split:
         test = build_dataset(cfg.data, "test")
+        test.skip_log = _skip_log(run_dir, "test")
         summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2)
     summary["skipped_files"] = _skipped_files({"train": train_ds, "holdout": holdout, "test": test})
     summary["complete"] = not summary.get("interrupted", False)
