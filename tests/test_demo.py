@@ -1,6 +1,7 @@
 """The demo pipeline on a tiny Fashion-MNIST subset: interrupted with Ctrl-C, resumed, every artefact checked."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,11 +24,18 @@ def test_full_preset_runs_the_ablation_on_the_first_mixer_and_baselines_for_all(
     assert full.objectives_for("mamba2") == ["both", "none", "mask", "act"]
     assert full.objectives_for("gla") == full.objectives_for("hgrn") == ["both", "none"]
     assert full.main_objective == "both" and len(full.seeds) == 3
+    # Per seed: Mamba-2 distil + fine-tune for both, mask and act, scratch; GLA and HGRN distil + fine-tune, scratch.
+    assert demo_module.stage_count(full, trains_teacher=True) == 1 + 3 * (7 + 3 + 3)
+    assert demo_module.stage_count(demo_module.PRESETS["quick"], trains_teacher=False) == 3
     quick = demo_module.PRESETS["quick"]
     assert quick.objectives_for("mamba2") == ["both", "none"]
-    # The students of both presets see the same data, so quick and full numbers compare.
-    assert (quick.train_samples, quick.distill_epochs, quick.finetune_epochs) == \
-        (full.train_samples, full.distill_epochs, full.finetune_epochs)
+    # The full preset's students get fewer images for as many steps (and warm-up steps) as the quick preset's.
+    assert full.train_samples < quick.train_samples
+    for stage in ("distill", "finetune"):
+        assert full.train_samples * getattr(full, f"{stage}_epochs") == quick.train_samples * getattr(quick, f"{stage}_epochs")
+        assert full.train_samples * getattr(full, f"{stage}_warmup_epochs") == \
+            pytest.approx(quick.train_samples * getattr(quick, f"{stage}_warmup_epochs"))
+    assert full.train_samples * full.scratch_warmup_epochs == pytest.approx(quick.train_samples * quick.scratch_warmup_epochs)
 
 
 def test_stage_with_another_configuration_is_refused(tmp_path):
@@ -87,13 +95,13 @@ def test_a_finished_stage_from_another_architecture_is_not_reused(tmp_path):
     def must_not_run(cfg, resume):
         raise AssertionError("the stage must be refused, not retrained")
     with pytest.raises(demo_module.DemoConfigMismatch, match=r"built this model differently .*conv.*--fresh"):
-        demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [])
+        demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [], 1)
     (stage_dir / "student.safetensors").unlink()
     with pytest.raises(demo_module.DemoConfigMismatch, match=r"finished earlier, but its model .* is missing.*--fresh"):
-        demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [])
+        demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, [], 1)
     _export_gla_student(stage_dir / "student.safetensors")
     log = []
-    assert demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, log) == summary
+    assert demo_module._stage("distill-both-gla-s0", tmp_path, values, must_not_run, log, 1) == summary
     assert log[0]["reused"]
 
 
@@ -122,8 +130,9 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     proc = demo(run_dir)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    assert "teacher: finished earlier, reusing" in out
-    assert "distill-both-mamba2-s0: resuming" in out
+    assert "(1/4) teacher: finished earlier, reusing" in out
+    assert "(2/4) distill-both-mamba2-s0: resuming" in out
+    assert re.search(r"\(4/4\) scratch-mamba2-s0: done in [0-9.]+ min, test top-1 [0-9.]+%", out), out
 
     report = (run_dir / "report.md").read_text()
     assert "| Teacher ViT (patch 4) |" in report and "Distilled student" in report and "from scratch" in report
