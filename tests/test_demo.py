@@ -136,11 +136,13 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
 
     report = (run_dir / "report.md").read_text()
     assert "| Teacher ViT (patch 4) |" in report and "Distilled student" in report and "from scratch" in report
+    assert "| Distilled student | Seeds | − scratch, holdout | − scratch, test | − teacher, test |" in report
     for png in ("loss_curves.png", "accuracy.png", "latency.png"):
         with Image.open(run_dir / png) as im:
             assert im.size[0] > 100
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["results"]) == {"finetune-both-mamba2", "scratch-mamba2"}
+    assert len(summary["gaps"]["finetune-both-mamba2"]["scratch_test"]) == 1
     assert [r["size"] for r in summary["latency"]] == [28, 56]
     for stage in ("teacher", "distill-both-mamba2-s0", "finetune-both-mamba2-s0", "scratch-mamba2-s0"):
         stage_summary = json.loads((run_dir / stage / "summary.json").read_text())
@@ -248,3 +250,24 @@ def test_cli_reports_a_bad_override_without_a_traceback(capsys):
     from vitlinearizer.cli import main
     assert main(["demo", "--preset", "tiny", "--mixers", "lstm"]) == 2
     assert "unknown 'lstm'" in capsys.readouterr().err
+
+
+def test_gap_table_pairs_each_distilled_student_with_the_scratch_student_of_its_seed():
+    from vitlinearizer.report import gap_table
+
+    def stage(test, holdout=None):
+        return {"test": {"top1": test}, **({"last_eval": {"holdout_top1": holdout}} if holdout is not None else {})}
+    results = {"teacher": {"summary": stage(80.0, 79.0)},
+               "finetune-both-mamba2-s0": stage(78.0, 77.0), "scratch-mamba2-s0": stage(76.0, 75.0),
+               "finetune-both-mamba2-s1": stage(79.0, 78.0), "scratch-mamba2-s1": stage(76.0, 77.0),
+               "finetune-mask-mamba2-s0": stage(77.0),
+               "finetune-both-gla-s0": stage(70.0, 70.0)}  # its scratch stage is missing
+    table, gaps = gap_table(results)
+    both = gaps["finetune-both-mamba2"]
+    assert both["scratch_test"] == [2.0, 3.0] and both["scratch_holdout"] == [2.0, 1.0]
+    assert both["teacher_test"] == [-2.0, -1.0]
+    assert gaps["finetune-mask-mamba2"] == {"scratch_holdout": [], "scratch_test": [1.0], "teacher_test": [-3.0]}
+    assert gaps["finetune-both-gla"]["scratch_test"] == []
+    lines = table.splitlines()
+    assert lines[2] == "| Distilled student, act + mask (mamba2) | 2 | +1.50 ± 0.71 | +2.50 ± 0.71 | -1.50 ± 0.71 |"
+    assert "| Distilled student, mask only (mamba2) | 1 | — | +1.00 | -3.00 |" in lines

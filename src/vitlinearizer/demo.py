@@ -13,8 +13,8 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from . import runner
 from .data import DEFAULT_FASHION_MNIST_ROOT, dataset_info
-from .distill import OBJECTIVES
 from .config import build_config, dump_yaml
+from .distill import OBJECTIVES
 from .engine import TrainingInterrupted
 from .models.mixers import MIXERS
 
