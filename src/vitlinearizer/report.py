@@ -143,7 +143,10 @@ def write_plots(run_dir: Path, results: dict, groups: dict, latency: list[dict])
             if rows:
                 ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=stage_dir.name)
         ax.set(title=f"{kind} loss", xlabel="optimiser step", ylabel="loss")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # a teacher given with --teacher-weights is not trained here
+            ax.text(0.5, 0.5, "not trained in this run", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(run_dir / "loss_curves.png", dpi=110)
     written.append("loss_curves.png")
