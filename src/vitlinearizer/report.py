@@ -32,12 +32,13 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.python_version()}"
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], sign: str = "") -> str:
+    """Mean ± sample std; ``sign="+"`` prints differences with their sign."""
     if not values:
         return "—"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:{sign}.2f}"
+    return f"{statistics.fmean(values):{sign}.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _group(results: dict) -> dict[str, dict]:
@@ -107,17 +108,9 @@ def gap_table(results: dict) -> tuple[str, dict]:
             g["scratch_holdout"].append(_holdout(summary) - _holdout(scratch))
     rows = ["| Distilled student | Seeds | − scratch, holdout | − scratch, test | − teacher, test |", "|---|---|---|---|---|"]
     for key, g in gaps.items():  # the demo's order: per mixer, its objectives
-        rows.append(f"| {_label(key)} | {len(g['teacher_test'])} | {_fmt_signed(g['scratch_holdout'])} | "
-                    f"{_fmt_signed(g['scratch_test'])} | {_fmt_signed(g['teacher_test'])} |")
+        rows.append(f"| {_label(key)} | {len(g['teacher_test'])} | {_fmt(g['scratch_holdout'], '+')} | "
+                    f"{_fmt(g['scratch_test'], '+')} | {_fmt(g['teacher_test'], '+')} |")
     return "\n".join(rows), gaps
-
-
-def _fmt_signed(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:+.2f}"
-    return f"{statistics.fmean(values):+.2f} ± {statistics.stdev(values):.2f}"
 
 
 def _metrics(stage_dir: Path) -> list[dict]:
