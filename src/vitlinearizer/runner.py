@@ -178,8 +178,6 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     if holdout is not None:
         def eval_fn(model):
             return {f"holdout_{k}": v for k, v in evaluate_classifier(model, holdout, cfg.train.batch_size * 2).items()}
-    if not resume:
-        shutil.rmtree(run_dir / _SKIP_LOG_DIR, ignore_errors=True)  # an earlier run's records are not this run's
     for split, ds in (("train", train_ds), ("holdout", holdout)):
         if ds is not None:
             ds.skip_log = _skip_log(run_dir, split)
@@ -188,6 +186,8 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     # refused run leaves the directory describing the run its checkpoints belong to.
     if trainer.rank == 0:
         _write_config(cfg, run_dir)
+        if not resume:  # an earlier attempt's records of unreadable files are not this run's
+            shutil.rmtree(run_dir / _SKIP_LOG_DIR, ignore_errors=True)
     try:
         summary = trainer.fit(resume=resume)
     except CheckpointError:
