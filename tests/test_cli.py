@@ -214,7 +214,9 @@ def test_the_summary_records_files_that_fail_only_in_a_data_loader_worker(tmp_pa
     assert skipped.keys() == {"train"}  # the broken file is in train/ and never reached the holdout
     assert skipped["train"]["count"] == 1 and skipped["train"]["files"][0]["path"] == str(broken)
     assert "Error" in skipped["train"]["files"][0]["reason"]
-    # A run that died before its first checkpoint leaves its records; the next run there starts its own.
+    # A run refused for lack of --resume leaves the finished run's records alone...
+    assert main(args) == 2 and (run / "skipped" / "train.jsonl").is_file()
+    # ...while one that died before its first checkpoint leaves records the next run there replaces.
     shutil.rmtree(run / "checkpoints")
     broken.unlink()
     with warnings.catch_warnings():

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import (CheckpointError, export_model, pretrained_cfg_overlay, read_export_metadata,
-                         update_pretrained_cfg, write_text_atomic)
+from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
+                         read_export_metadata, update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, StudentConfig, dump_yaml
 from .data import (DataConfig, build_dataset, build_transform, check_data_source, dataset_info, load_rgb,
                    read_skip_log)
@@ -186,7 +186,9 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     # refused run leaves the directory describing the run its checkpoints belong to.
     if trainer.rank == 0:
         _write_config(cfg, run_dir)
-        if not resume:  # an earlier attempt's records of unreadable files are not this run's
+        # Records of unreadable files left by an attempt that died before its first checkpoint are not this
+        # run's; with checkpoints and no --resume, fit refuses the run and the records stay with their run.
+        if not resume and not list_checkpoints(trainer.ckpt_dir):
             shutil.rmtree(run_dir / _SKIP_LOG_DIR, ignore_errors=True)
     try:
         summary = trainer.fit(resume=resume)
