@@ -284,7 +284,9 @@ class Adventurer(nn.Module):
         prefix = [y[:, -1:] for y in intermediates]
         intermediates = [y[:, :-1] for y in intermediates]
         if output_fmt == "NCHW":
-            intermediates = [y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            # The width is spelled out: an empty batch leaves a -1 ambiguous (timm's ViT fails there).
+            intermediates = [y.reshape(y.shape[0], gh, gw, y.shape[-1]).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix))
         if intermediates_only:
@@ -296,8 +298,8 @@ class Adventurer(nn.Module):
         self.blocks = self.blocks[: max_index + 1]
         if prune_norm:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
+        if prune_head:  # no head and no pooling, as timm's ViT: forward() then returns every token
+            self.reset_classifier(0, "")
         return take_indices
 
 
