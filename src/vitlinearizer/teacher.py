@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .checkpoint import read_export_metadata, update_pretrained_cfg
+from .models.adventurer import Adventurer
 
 __all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "TeacherOutput", "Teacher"]
 
@@ -171,6 +172,11 @@ def _create_vit(model_name: str, kwargs: dict) -> nn.Module:
              if not hasattr(model, a)]
     if lacks:
         raise ValueError(f"{_NOT_VIT}; got {model_name!r} ({type(model).__name__}, lacks {', '.join(lacks)})")
+    if isinstance(model, Adventurer):
+        # It has every attribute above, but its class token comes last, so prefix-first token slicing would
+        # silently take a patch token for the class token.
+        raise ValueError(f"{_NOT_VIT} and its class token first; got {model_name!r}, an Adventurer student "
+                         "(class token last). Distil from a ViT, e.g. vit_base_patch16_clip_224")
     return model
 
 
