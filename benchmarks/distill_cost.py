@@ -15,7 +15,7 @@ FRESH subprocess: on CPU peak memory is the RSS high-water mark (getrusage) minu
 step; on CUDA ``max_memory_allocated``. Time: min over repetitions of loss + backward.
 
     .venv/bin/python benchmarks/distill_cost.py            # writes benchmarks/results/distill_cost_cpu.{json,md}
-    .venv/bin/python benchmarks/distill_cost.py --quick    # smoke test
+    .venv/bin/python benchmarks/distill_cost.py --quick    # smoke test (writes benchmarks/results/tmp/)
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
+from vitlinearizer.bench import check_output_dir, positive_int  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"full": {}, "rowblock": dict(row_block_size=512), "anchors": dict(num_anchors=256)}
 
 
@@ -46,7 +49,6 @@ def worker(spec: dict) -> dict:
 
     import torch
 
-    sys.path.insert(0, str(SRC))
     from vitlinearizer.objectives import activation_matching_loss
 
     if spec.get("threads"):
@@ -117,25 +119,60 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def resolve_output_dir(args) -> Path:
+    # A smoke test must not overwrite the committed distill_cost_cpu.{json,md} that docs/performance.md quotes;
+    # results/tmp/ is git-ignored.
+    return Path(args.output_dir or (RESULTS / "tmp" if args.quick else RESULTS))
+
+
+def side_px(text: str) -> int:
+    # Below one patch there are no tokens: the row would time an empty loss.
+    value = positive_int(text)
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"an image side must be >= 16 px (one patch), got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
         Path(argv[2]).write_text(json.dumps(worker(json.loads(Path(argv[1]).read_text()))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sides", nargs="+", type=int, default=None,
+    parser.add_argument("--sides", nargs="+", type=side_px, default=None,
                         help="image sides in px at patch 16 (default 224 448 768 1024 1536 2048)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--visible", type=float, default=0.25)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--visible", type=fraction, default=0.25, help="share of visible tokens, in (0, 1]")
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--time-budget", type=float, default=120.0, help="skip rows estimated to take longer (s)")
     parser.add_argument("--max-gb", type=float, default=6.0, help="skip rows estimated to need more memory")
     parser.add_argument("--quick", action="store_true", help="smoke test: sides 64 and 128, 1 repetition")
-    parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--output-dir", default=None,
+                        help="default: benchmarks/results (with --quick: benchmarks/results/tmp, not committed)")
     args = parser.parse_args(argv)
+    out = resolve_output_dir(args)
+    try:
+        check_output_dir(out)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     sides = args.sides or ([64, 128] if args.quick else [224, 448, 768, 1024, 1536, 2048])
     repeats = 1 if args.quick else args.repeats
     rate = 40e9 if args.device == "cpu" else 20e12
@@ -168,7 +205,6 @@ def main(argv=None) -> int:
     results = dict(meta=dict(device=args.device, threads=args.threads, batch=args.batch, visible=args.visible,
                              torch=torch.__version__, created=time.strftime("%Y-%m-%d %H:%M:%S"),
                              variants={k: v for k, v in VARIANTS.items()}), rows=rows)
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"distill_cost_{args.device}"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))

@@ -12,7 +12,7 @@ Repetitions of the implementations alternate inside one process; the table repor
 
     .venv/bin/python benchmarks/ops.py                     # CPU, writes benchmarks/results/ops_cpu.{json,md}
     .venv/bin/python benchmarks/ops.py --device cuda       # + fla and torch.compile rows
-    .venv/bin/python benchmarks/ops.py --quick             # smoke test (small L, 1 repetition)
+    .venv/bin/python benchmarks/ops.py --quick             # smoke test (small L, 1 repetition; results/tmp/)
 """
 from __future__ import annotations
 
@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitlinearizer.ops import linear_recurrence  # noqa: E402
 from vitlinearizer.ops import chunked as chunked_mod  # noqa: E402
 from vitlinearizer.ops.fla_bridge import fla_available  # noqa: E402
+from vitlinearizer.bench import check_output_dir, non_negative_int, positive_int  # noqa: E402
 from vitlinearizer.bench.timing import alternating_times, summarize  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 SHAPES = {
     "mamba2": dict(heads=16, groups=1, key_dim=64, value_dim=64, per_channel=False),
@@ -139,23 +142,36 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def resolve_output_dir(args) -> Path:
+    # A smoke test must not overwrite the committed ops_cpu.{json,md} that README and docs quote; results/tmp/
+    # is git-ignored.
+    return Path(args.output_dir or (RESULTS / "tmp" if args.quick else RESULTS))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--kinds", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--lengths", nargs="+", type=int, default=None)
-    parser.add_argument("--chunk-sizes", nargs="+", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=None)
+    parser.add_argument("--chunk-sizes", nargs="+", type=positive_int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=6)
+    parser.add_argument("--threads", type=non_negative_int, default=2, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--no-slow", action="store_true", help="skip naive and step")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (CUDA only anyway)")
     parser.add_argument("--quick", action="store_true", help="small L, one repetition (smoke test)")
-    parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--output-dir", default=None,
+                        help="default: benchmarks/results (with --quick: benchmarks/results/tmp, not committed)")
     parser.add_argument("--tag", default=None, help="file stem (default ops_<device>[_<gpu>])")
     args = parser.parse_args(argv)
+    out = resolve_output_dir(args)
+    try:
+        check_output_dir(out)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
     results = run(args)
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or ("ops_cpu" if args.device == "cpu" else
                         "ops_cuda_" + "".join(c if c.isalnum() else "_" for c in

@@ -159,3 +159,130 @@ def test_alternating_times_rotates_the_order():
     assert predecessors == {"a": {"b", "c"}, "b": {"a", "c"}, "c": {"a", "b"}}
     summary = summarize({"x": [3.0, 1.0, 2.0]})
     assert summary == {"x": dict(min_s=1.0, median_s=2.0, n=3)}
+
+
+def _no_measuring(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("measured before the inputs were checked")
+    monkeypatch.setattr(bench, "_measure_config", fail)
+
+
+def test_bad_inputs_fail_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    """A size off the patch grid, an --output-dir under a file or negative --threads: exit 2 naming the value,
+    at once, not after the configurations before it were measured (and their results lost)."""
+    _no_measuring(monkeypatch)
+    common = ["bench", "--device", "cpu", "--pairs", "demo", "--dtypes", "float32"]
+    assert cli_main(common + ["--sizes", "32", "34", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes 34 for pair demo" in err and "multiple of the patch size 4x4" in err and "32x32" in err
+    with pytest.raises(ValueError, match="34"):
+        bench.run_bench(bench.BenchOptions(pairs=["demo"], sizes=[(32, 32), (34, 34)], dtypes=["float32"]))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert cli_main(common + ["--sizes", "32", "--output-dir", str(afile / "sub")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert cli_main(common + ["--sizes", "32", "--threads", "-1", "--output-dir", str(tmp_path)]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_cpu_runs_float32_before_bf16_whatever_the_order_given():
+    opts = bench.BenchOptions(pairs=["demo"], sizes=[(32, 32)], dtypes=["bfloat16", "float32"], device="cpu")
+    assert [c[2] for c in bench._configs(opts)] == ["float32", "bfloat16"]
+    opts.device = "cuda"  # benchmarks/gpu.sh asks for bf16 first on purpose
+    assert [c[2] for c in bench._configs(opts)] == ["bfloat16", "float32"]
+
+
+def test_no_memory_row_keeps_one_timed_repetition_when_the_budget_is_tight(monkeypatch):
+    """Without the memory probe there is no cold forward to fall back on: a budget that leaves less than a
+    warm-up plus a repetition still times one (cold) repetition, as documented ("min 1")."""
+    from vitlinearizer.bench import worker
+
+    specs = []
+
+    def fake_worker(spec, timeout=None):
+        specs.append(spec)
+        return {r: dict(latency=dict(batch=1, warmup=spec["warmup"], times_s=[0.5] * spec["repeats"]))
+                for r in spec["roles"]}
+
+    monkeypatch.setattr(worker, "run_worker", fake_worker)
+    opts = bench.BenchOptions(pairs=["demo"], sizes=[(32, 32)], dtypes=["float32"], memory=False, device="cpu")
+    rates = bench.RateBook("cpu")
+    for role in ("student", "teacher"):  # both estimated at 6 s per forward
+        rates.rates[(bench.model_label("demo", role), "float32")] = bench.model_flops("demo", role, (32, 32))[0] / 6
+    opts.time_budget = 2 * 6 + 2 * bench._startup_cost("cpu")  # both fit the probe rule, not warm-up + 1 each
+    row = bench._measure_config(opts, "demo", (32, 32), "float32", rates, deadline=1e18)
+    assert len(specs) == 1 and specs[0]["repeats"] == 1 and specs[0]["warmup"] == 0
+    assert row["student"]["latency"]["n"] == row["teacher"]["latency"]["n"] == 1 and row["speedup"] == 1.0
+
+
+def test_worker_failure_note_names_the_exception():
+    """The row's note keeps the first 200 characters: the exception must be in them, not a traceback frame."""
+    from vitlinearizer.bench.worker import run_worker
+
+    with pytest.raises(RuntimeError) as info:
+        run_worker(dict(task="timing", pair="nope", role="student", size=[32, 32], dtype="float32", device="cpu",
+                        roles=["student"], warmup=0, repeats=1))
+    assert "KeyError: 'nope'" in str(info.value)[:200]
+
+
+def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
+    """Rewriting benchmarks/results: a write that fails half-way leaves the previous file whole."""
+    from vitlinearizer.bench import report
+
+    results = dict(meta=dict(environment=dict(device="cpu", threads=1, torch="t", timm="t")),
+                   rows=[], slopes={})
+    bench.write_outputs(results, tmp_path, "r")
+    old_png = (tmp_path / "r.png").read_bytes()
+
+    def broken_plot(results, out):
+        out.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_plot", broken_plot)
+    with pytest.raises(OSError):
+        bench.write_outputs(results, tmp_path, "r")
+    assert (tmp_path / "r.png").read_bytes() == old_png
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]
+
+
+def test_benchmark_scripts_reject_bad_values_up_front(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import distill_cost
+        import ops as ops_bench
+    finally:
+        sys.path.pop(0)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for main, argv, message in (
+            (ops_bench.main, ["--repeats", "0"], "--repeats: must be an integer >= 1"),
+            (ops_bench.main, ["--lengths", "0"], "--lengths: must be an integer >= 1"),
+            (ops_bench.main, ["--chunk-sizes", "0"], "--chunk-sizes: must be an integer >= 1"),
+            (ops_bench.main, ["--output-dir", str(afile)], "is a file, not a directory"),
+            (distill_cost.main, ["--repeats", "0"], "--repeats: must be an integer >= 1"),
+            (distill_cost.main, ["--batch", "0"], "--batch: must be an integer >= 1"),
+            (distill_cost.main, ["--sides", "8"], "must be >= 16 px"),
+            (distill_cost.main, ["--visible", "0"], "in (0, 1]"),
+            (distill_cost.main, ["--output-dir", str(afile)], "is a file, not a directory")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err, argv
+    if not torch.cuda.is_available():
+        for main in (ops_bench.main, distill_cost.main):
+            with pytest.raises(SystemExit):
+                main(["--device", "cuda"])
+            assert "CUDA is not available" in capsys.readouterr().err
+    # Their --quick smoke tests write beside, not over, the committed results the docs quote.
+    for script in (ops_bench, distill_cost):
+        results = ROOT / "benchmarks" / "results"
+        assert script.resolve_output_dir(argparse.Namespace(output_dir=None, quick=True)) == results / "tmp"
+        assert script.resolve_output_dir(argparse.Namespace(output_dir=None, quick=False)) == results
+        assert script.resolve_output_dir(argparse.Namespace(output_dir="x", quick=True)) == Path("x")
+
+
+def test_module_entry_point_reports_a_bad_value_like_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vitlinearizer.bench", "--device", "cpu", "--pairs", "demo",
+                           "--sizes", "34", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--sizes 34 for pair demo" in proc.stderr

@@ -169,6 +169,11 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     _replace_file(Path(path), text.encode())
 
 
+def write_bytes_atomic(path: PathLike, data: bytes) -> None:
+    """Atomically replace the file ``path`` (tmp file, fsync, rename)."""
+    _replace_file(Path(path), data)
+
+
 def _prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

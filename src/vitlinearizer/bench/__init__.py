@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import parse_size
-from .models import PAIRS, build_model, count_flops, model_flops, model_label, model_spec, token_count
+from .models import (PAIRS, build_model, count_flops, model_flops, model_label, model_spec, token_count,
+                     token_patch)
 from .report import _lat, compute_slopes, fit_loglog_slope, markdown_table, write_outputs, write_plot
 
 __all__ = ["PAIRS", "BenchOptions", "add_bench_arguments", "build_model", "compute_slopes", "count_flops",
@@ -155,7 +156,56 @@ class BenchOptions:
         )
         if opts.batch < 1 or opts.repeats < 1 or opts.warmup < 0:
             raise ValueError("--batch and --repeats must be >= 1 and --warmup >= 0")
+        if opts.threads is not None and opts.threads < 0:
+            # Every measuring process would fail in torch.set_num_threads, each row only noting "timing failed".
+            raise ValueError(f"--threads must be >= 1 (or 0 for torch's default), got {opts.threads}")
+        check_sizes(opts.pairs, opts.sizes)
+        check_output_dir(opts.output_dir)
         return opts
+
+
+def check_sizes(pairs, sizes) -> None:
+    """Fail before anything is measured: a size that does not fit a pair's patch would otherwise stop the run
+    at its first configuration, after the ones before it were measured, and nothing would be written."""
+    from ..models.adventurer import patch_grid
+
+    for pair in pairs:
+        for size in sizes:
+            for role in ("student", "teacher"):
+                patch = token_patch(pair, role)
+                try:
+                    patch_grid(size[0], size[1], (patch, patch))
+                except ValueError as exc:
+                    raise ValueError(f"--sizes {size_label(size)} for pair {pair}: {exc}") from None
+
+
+def check_output_dir(path) -> None:
+    """Benchmarks write their outputs only after the whole run: a path that is, or lies under, a file must
+    fail now and not after the measurements (ValueError)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--output-dir {path}: {p} is a file, not a directory; pass another --output-dir")
+            return
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of counts where 0 means something (e.g. --threads 0: torch's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of sizes and repetition counts."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def resolve_device(device: str) -> str:
@@ -182,8 +232,13 @@ def size_label(size: tuple[int, int]) -> str:
 
 # ------------------------------------------------------------------------------------------- planning
 def _configs(opts: BenchOptions):
-    """(pair, size, dtype) in run order: every float32 configuration before any other dtype."""
-    for dtype in opts.dtypes:
+    """(pair, size, dtype) in run order: on CPU every float32 configuration before any other dtype, whatever the
+    order of --dtypes (emulated bf16 is ~6x slower there and would spend --max-minutes first); on CUDA the
+    order given (benchmarks/gpu.sh puts bf16, the fast path there, first)."""
+    dtypes = opts.dtypes
+    if opts.device == "cpu":
+        dtypes = sorted(dtypes, key=lambda d: d != "float32")
+    for dtype in dtypes:
         for pair in opts.pairs:
             for size in sorted(opts.sizes, key=lambda s: s[0] * s[1]):
                 yield pair, size, dtype
@@ -283,6 +338,10 @@ def _measure_config(opts: BenchOptions, pair: str, size: tuple[int, int], dtype:
     left = budget - (time.time() - spent) - startup
     warmup = opts.warmup if per_forward < 20 else 0  # a forward this long amortises its own warm-up
     repeats = max(0, min(opts.repeats, int(left // max(per_forward, 1e-9)) - warmup))
+    if repeats < 1 and any(models[r].get("cold_s") is None for r in active):
+        # No probe forward to fall back on (--no-memory, or the probe failed): one cold repetition, the
+        # documented minimum, rather than a row without any latency.
+        warmup, repeats = 0, 1
     if repeats < 1:
         for role in active:
             if models[role].get("cold_s") is not None:
@@ -369,6 +428,7 @@ def _environment(opts: BenchOptions) -> dict:
 
 
 def run_bench(opts: BenchOptions, log=print) -> dict:
+    check_sizes(opts.pairs, opts.sizes)
     start = time.time()
     deadline = start + opts.max_minutes * 60
     rates = RateBook(opts.device)

@@ -47,9 +47,13 @@ def build_model(pair: str, role: str, device="cpu", dtype=None):
     return model.to(device=device, dtype=dtype if dtype is not None else torch.float32)
 
 
-def token_count(pair: str, role: str, size: tuple[int, int]) -> int:
+def token_patch(pair: str, role: str) -> int:
     name, kwargs = model_spec(pair, role)
-    patch = kwargs.get("patch_size") or int(name.split("patch")[1].split("_")[0])
+    return kwargs.get("patch_size") or int(name.split("patch")[1].split("_")[0])
+
+
+def token_count(pair: str, role: str, size: tuple[int, int]) -> int:
+    patch = token_patch(pair, role)
     return (size[0] // patch) * (size[1] // patch) + 1
 
 

@@ -1,10 +1,13 @@
 """Outputs of ``vitlinearizer bench``: fitted log-log slopes, the markdown table, the plot and the files."""
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+from typing import BinaryIO
 
+from ..checkpoint import write_bytes_atomic, write_text_atomic
 from .models import PAIRS
 
 
@@ -42,7 +45,7 @@ def compute_slopes(rows: list[dict]) -> dict:
         timed = [(n, t) for n, t, _ in pts if t]
         mem = [(n, m) for n, _, m in pts if m and m > 0]
         slope = fit_loglog_slope([p[0] for p in timed], [p[1] for p in timed])[0]
-        # The large-input regime: the fit over inputs of at least 1024 tokens (64x64 patches).
+        # The large-input regime: the fit over inputs of at least 4096 tokens (64x64 patches).
         big = [p for p in timed if p[0] >= 4096]
         slope_big = fit_loglog_slope([p[0] for p in big], [p[1] for p in big])[0]
         mem_slope = fit_loglog_slope([p[0] for p in mem], [p[1] for p in mem])[0]
@@ -108,7 +111,7 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot(results: dict, path: Path) -> Path:
+def write_plot(results: dict, path: Path | BinaryIO) -> Path | BinaryIO:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +164,7 @@ def write_plot(results: dict, path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -175,10 +178,14 @@ def default_tag(results: dict) -> str:
 
 
 def write_outputs(results: dict, output_dir: Path, tag: str | None = None) -> list[Path]:
+    """JSON, markdown table and plot; each file replaced atomically, and the plot rendered before any is
+    replaced: with --output-dir benchmarks/results a failed write must leave the published files whole."""
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = tag or default_tag(results)
     json_path, md_path, png_path = (output_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
-    json_path.write_text(json.dumps(results, indent=1, default=str))
-    md_path.write_text(markdown_table(results) + "\n")
-    write_plot(results, png_path)
+    png = io.BytesIO()
+    write_plot(results, png)
+    write_text_atomic(json_path, json.dumps(results, indent=1, default=str))
+    write_text_atomic(md_path, markdown_table(results) + "\n")
+    write_bytes_atomic(png_path, png.getvalue())
     return [json_path, md_path, png_path]

@@ -130,8 +130,12 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
         proc = subprocess.run([sys.executable, "-m", "vitlinearizer.bench.worker", str(spec_path), str(out_path)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out_path.exists():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-            raise RuntimeError(f"bench worker failed ({spec['task']}, rc={proc.returncode}): " + " | ".join(tail))
+            # The exception is the traceback's last line; it leads, since the row's note keeps only the start.
+            lines = [l for l in (proc.stderr or proc.stdout or "").strip().splitlines() if l.strip()]
+            error = lines[-1].strip() if lines else "no output (killed?)"
+            context = " | ".join(l.strip() for l in lines[-5:-1])
+            raise RuntimeError(f"bench worker failed ({spec['task']}, rc={proc.returncode}): {error}"
+                               + (f" [{context}]" if context else ""))
         return json.loads(out_path.read_text())
 
 
