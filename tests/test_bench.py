@@ -286,3 +286,9 @@ def test_module_entry_point_reports_a_bad_value_like_the_cli(tmp_path):
                            "--sizes", "34", "--dry-run"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "--sizes 34 for pair demo" in proc.stderr
+
+
+def test_gpu_script_parses():
+    # benchmarks/gpu.sh runs only on a lent GPU, once per session: a syntax error must show up here first.
+    proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
