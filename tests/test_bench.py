@@ -292,3 +292,29 @@ def test_gpu_script_parses():
     # benchmarks/gpu.sh runs only on a lent GPU, once per session: a syntax error must show up here first.
     proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_an_interrupted_run_writes_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a long run (the committed CPU table takes 34 min) keeps the measured rows, says where it
+    stopped, and exits 130."""
+    measured = []
+
+    def measure(opts, pair, size, dtype, rates, deadline):
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(size)
+        row = dict(pair=pair, size=bench.size_label(size), height=size[0], width=size[1], dtype=dtype, notes=[])
+        for role in ("student", "teacher"):
+            row[role] = dict(model=bench.model_label(pair, role), tokens=bench.token_count(pair, role, size),
+                             flops=1e9, latency=dict(min_s=0.01, n=1))
+        bench._derive(row)
+        return row
+
+    monkeypatch.setattr(bench, "_measure_config", measure)
+    rc = cli_main(["bench", "--pairs", "demo", "--sizes", "32", "64", "--dtypes", "float32", "--no-memory",
+                   "--output-dir", str(tmp_path), "--tag", "cut"])
+    assert rc == 130 and measured == [(32, 32)]
+    data = json.loads((tmp_path / "cut.json").read_text())
+    assert [row["size"] for row in data["rows"]] == ["32"] and data["meta"]["interrupted_at"] == "demo 64 float32"
+    assert "Interrupted at demo 64 float32" in (tmp_path / "cut.md").read_text()
+    assert "interrupted at demo 64 float32" in capsys.readouterr().err

@@ -105,6 +105,10 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
     paths = write_outputs(results, Path(opts.output_dir), opts.tag)
     print(markdown_table(results))
     print("\nwrote " + ", ".join(str(p) for p in paths))
+    if results["meta"].get("interrupted_at"):
+        print(f"interrupted at {results['meta']['interrupted_at']}: the files hold the rows measured before it",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -432,7 +436,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     start = time.time()
     deadline = start + opts.max_minutes * 60
     rates = RateBook(opts.device)
-    rows = []
+    rows, interrupted_at = [], None
     for pair, size, dtype in _configs(opts):
         label = f"{pair} {size_label(size)} {dtype}"
         if time.time() >= deadline:
@@ -445,12 +449,18 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
             log(f"[bench] {label}: skipped (run time budget)")
             continue
         t0 = time.time()
-        row = _measure_config(opts, pair, size, dtype, rates, deadline)
+        try:
+            row = _measure_config(opts, pair, size, dtype, rates, deadline)
+        except KeyboardInterrupt:  # a long run stopped by hand keeps what it measured
+            interrupted_at = label
+            log(f"[bench] {label}: interrupted")
+            break
         row["wall_s"] = time.time() - t0
         rows.append(row)
         log(f"[bench] {label}: " + _row_summary(row) + f" ({row['wall_s']:.0f} s)")
     results = dict(meta=dict(environment=_environment(opts), options=_options_dict(opts), total_s=time.time() - start,
-                             created=time.strftime("%Y-%m-%d %H:%M:%S"), flops_note=FLOPS_NOTE),
+                             created=time.strftime("%Y-%m-%d %H:%M:%S"), flops_note=FLOPS_NOTE,
+                             interrupted_at=interrupted_at),
                    rows=rows)
     results["slopes"] = compute_slopes(rows)
     return results

@@ -78,6 +78,8 @@ def markdown_table(results: dict) -> str:
     pair_notes = [PAIRS[p]["note"] for p in pairs if PAIRS.get(p, {}).get("note")]
     if pair_notes:
         head += " Pairs: " + "; ".join(pair_notes) + "."
+    if results["meta"].get("interrupted_at"):
+        head += f" **Interrupted at {results['meta']['interrupted_at']}**: later configurations were not run."
     lines = [head, "",
              "| pair | size | tokens | dtype | student ms | teacher ms | speed-up | ideal | % of ideal "
              "| student GFLOP | teacher GFLOP | throughput s / t (img/s) | act. mem s / t (MB) | notes |",
