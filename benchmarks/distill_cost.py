@@ -30,7 +30,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
-from vitlinearizer.bench import check_output_dir, positive_int  # noqa: E402
+from vitlinearizer.bench import check_script_target, positive_int  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"full": {}, "rowblock": dict(row_block_size=512), "anchors": dict(num_anchors=256)}
 
@@ -164,15 +164,7 @@ def main(argv=None) -> int:
                         help="default: benchmarks/results (with --quick: benchmarks/results/tmp, not committed)")
     args = parser.parse_args(argv)
     out = resolve_output_dir(args)
-    try:
-        check_output_dir(out)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    check_script_target(parser, out, args.device)
     sides = args.sides or ([64, 128] if args.quick else [224, 448, 768, 1024, 1536, 2048])
     repeats = 1 if args.quick else args.repeats
     rate = 40e9 if args.device == "cpu" else 20e12

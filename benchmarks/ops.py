@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitlinearizer.ops import linear_recurrence  # noqa: E402
 from vitlinearizer.ops import chunked as chunked_mod  # noqa: E402
 from vitlinearizer.ops.fla_bridge import fla_available  # noqa: E402
-from vitlinearizer.bench import check_output_dir, non_negative_int, positive_int  # noqa: E402
+from vitlinearizer.bench import check_script_target, non_negative_int, positive_int  # noqa: E402
 from vitlinearizer.bench.timing import alternating_times, summarize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -165,12 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default=None, help="file stem (default ops_<device>[_<gpu>])")
     args = parser.parse_args(argv)
     out = resolve_output_dir(args)
-    try:
-        check_output_dir(out)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    check_script_target(parser, out, args.device)
     results = run(args)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.tag or ("ops_cpu" if args.device == "cpu" else

@@ -130,6 +130,9 @@ class BenchOptions:
     tag: str | None = None
     command: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        check_sizes(self.pairs, self.sizes)  # the CLI's options and ones built in Python alike
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchOptions":
         device = resolve_device(args.device)
@@ -163,7 +166,6 @@ class BenchOptions:
         if opts.threads is not None and opts.threads < 0:
             # Every measuring process would fail in torch.set_num_threads, each row only noting "timing failed".
             raise ValueError(f"--threads must be >= 1 (or 0 for torch's default), got {opts.threads}")
-        check_sizes(opts.pairs, opts.sizes)
         check_output_dir(opts.output_dir)
         return opts
 
@@ -191,6 +193,20 @@ def check_output_dir(path) -> None:
             if not p.is_dir():
                 raise ValueError(f"--output-dir {path}: {p} is a file, not a directory; pass another --output-dir")
             return
+
+
+def check_script_target(parser: argparse.ArgumentParser, output_dir: Path, device: str) -> None:
+    """The benchmark scripts' checks before measuring: an output directory that can be written at the end and
+    a device that exists (a parser error, exit 2, otherwise)."""
+    try:
+        check_output_dir(output_dir)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {device}: CUDA is not available here; use --device cpu")
 
 
 def non_negative_int(text: str) -> int:
@@ -432,7 +448,6 @@ def _environment(opts: BenchOptions) -> dict:
 
 
 def run_bench(opts: BenchOptions, log=print) -> dict:
-    check_sizes(opts.pairs, opts.sizes)
     start = time.time()
     deadline = start + opts.max_minutes * 60
     rates = RateBook(opts.device)
