@@ -63,7 +63,8 @@ fi
 log "step 4: student vs teacher table"
 if [[ $DRY -eq 0 ]]; then
   BUDGET=$(( $(left) - 30 ))
-  timeout $(( BUDGET + 25 )) $PY -m vitlinearizer bench --device cuda --dtypes bf16 float32 --pairs small384 small base demo \
+  # SIGINT, not timeout's default SIGTERM: bench writes the rows it measured when interrupted (then KILL).
+  timeout -s INT -k 10 $(( BUDGET + 20 )) $PY -m vitlinearizer bench --device cuda --dtypes bf16 float32 --pairs small384 small base demo \
     --batch 32 --repeats 10 --time-budget 60 --max-minutes "$(awk "BEGIN {print $BUDGET / 60}")" \
     --output-dir "$OUT" || log "warning: bench did not finish"
 else

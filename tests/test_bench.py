@@ -168,8 +168,9 @@ def _no_measuring(monkeypatch):
 
 
 def test_bad_inputs_fail_before_anything_is_measured(tmp_path, monkeypatch, capsys):
-    """A size off the patch grid, an --output-dir under a file or negative --threads: exit 2 naming the value,
-    at once, not after the configurations before it were measured (and their results lost)."""
+    """A size off the patch grid, an --output-dir under a file, negative --threads, a --tag with a directory in
+    it or a budget of 0 minutes: exit 2 naming the value, at once, not after the configurations before it were
+    measured (and their results lost)."""
     _no_measuring(monkeypatch)
     common = ["bench", "--device", "cpu", "--pairs", "demo", "--dtypes", "float32"]
     assert cli_main(common + ["--sizes", "32", "34", "--output-dir", str(tmp_path)]) == 2
@@ -183,6 +184,14 @@ def test_bad_inputs_fail_before_anything_is_measured(tmp_path, monkeypatch, caps
     assert "is a file, not a directory" in capsys.readouterr().err
     assert cli_main(common + ["--sizes", "32", "--threads", "-1", "--output-dir", str(tmp_path)]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+    for flags, message in ((["--tag", "runs/x"], "must be a plain file-name stem"), (["--tag", ""], "plain file-name"),
+                           (["--time-budget", "0"], "--time-budget must be > 0"),
+                           (["--max-minutes", "-1"], "--max-minutes must be > 0"),
+                           (["--max-minutes", "nan"], "--max-minutes must be > 0")):
+        assert cli_main(common + ["--sizes", "32", "--output-dir", str(tmp_path)] + flags) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    with pytest.raises(ValueError, match="--repeats"):
+        bench.BenchOptions(pairs=["demo"], sizes=[(32, 32)], dtypes=["float32"], repeats=0)
     assert not list(tmp_path.glob("*.json"))
 
 

@@ -169,6 +169,7 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     assert ("preset: tiny, with objectives=['mask'], distill_lr=0.002, distill_warmup_epochs=0.0, "
             "scratch_warmup_epochs=0.2, distill_cls_weight=0.5") in report
     assert "the weights given with --teacher-weights" in report and "class-token target at weight 0.5" in report
+    assert "tested only" in report
     distill_config = demo_module.yaml.safe_load((other / "distill-mask-mamba2-s0" / "config.yaml").read_text())
     assert distill_config["distill"]["cls_weight"] == 0.5
     assert "cls" in (other / "distill-mask-mamba2-s0" / "metrics.jsonl").read_text().splitlines()[-1]

@@ -199,7 +199,8 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
     train = "all" if preset.train_samples is None else f"a class-balanced subset of {preset.train_samples}"
     teacher_data = {"same": "the same images", None: "all non-holdout training images"}.get(
         preset.teacher_train_samples, f"a class-balanced subset of {preset.teacher_train_samples} images")
-    teacher_training = (f"the weights given with --teacher-weights (`{results['teacher']['weights']}`)"
+    teacher_training = (f"the weights given with --teacher-weights (`{results['teacher']['weights']}`; tested only: "
+                        "they may have been trained on the holdout images)"
                         if results["teacher"].get("given") else f"{_epochs(preset.teacher_epochs)} on {teacher_data}")
     stages_wall_s = sum(s["wall_s"] for s in log)
     text = f"""# ViT-Linearizer demo report (preset: {preset_name})

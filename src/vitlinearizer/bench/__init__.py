@@ -131,7 +131,19 @@ class BenchOptions:
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        check_sizes(self.pairs, self.sizes)  # the CLI's options and ones built in Python alike
+        # The CLI's options and ones built in Python alike; all before anything is measured, since the outputs
+        # are written only at the end of a run that can take an hour.
+        check_sizes(self.pairs, self.sizes)
+        if self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("--batch and --repeats must be >= 1 and --warmup >= 0")
+        if self.threads is not None and self.threads < 0:
+            # Every measuring process would fail in torch.set_num_threads, each row only noting "timing failed".
+            raise ValueError(f"--threads must be >= 1 (or 0 for torch's default), got {self.threads}")
+        for flag, value in (("--time-budget", self.time_budget), ("--max-minutes", self.max_minutes)):
+            if not value > 0:  # also NaN; 0 or less would skip every configuration
+                raise ValueError(f"{flag} must be > 0, got {value:g}")
+        if self.tag is not None:
+            check_tag(self.tag)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchOptions":
@@ -161,11 +173,6 @@ class BenchOptions:
             tag=getattr(args, "tag", None),
             command=sys.argv[:],
         )
-        if opts.batch < 1 or opts.repeats < 1 or opts.warmup < 0:
-            raise ValueError("--batch and --repeats must be >= 1 and --warmup >= 0")
-        if opts.threads is not None and opts.threads < 0:
-            # Every measuring process would fail in torch.set_num_threads, each row only noting "timing failed".
-            raise ValueError(f"--threads must be >= 1 (or 0 for torch's default), got {opts.threads}")
         check_output_dir(opts.output_dir)
         return opts
 
@@ -183,6 +190,13 @@ def check_sizes(pairs, sizes) -> None:
                     patch_grid(size[0], size[1], (patch, patch))
                 except ValueError as exc:
                     raise ValueError(f"--sizes {size_label(size)} for pair {pair}: {exc}") from None
+
+
+def check_tag(tag: str) -> None:
+    """--tag names the output files inside --output-dir: a plain file-name stem (ValueError otherwise)."""
+    if not tag or tag in (".", "..") or any(sep in tag for sep in ("/", "\\", "\0")):
+        raise ValueError(f"--tag {tag!r} must be a plain file-name stem (no '/', not empty); choose the directory "
+                         "with --output-dir")
 
 
 def check_output_dir(path) -> None:
