@@ -5,9 +5,9 @@
 #   bash benchmarks/gpu.sh --dry-run  # the same python steps on the CPU at tiny sizes (no GPU needed)
 #
 # Steps (each under its own `timeout`, so the whole run stays inside 8 minutes even if one step hangs):
-#   1. install the project with `pip install --no-deps -e .` and optional wheels from ./.wheels (--no-deps;
-#      e.g. fla-core: `pip download --no-deps fla-core -d .wheels` on a machine with internet). torch is
-#      never reinstalled.
+#   1. put the wheels in ./.whl (our pinned timm, fla-core and einops: `make gpu-wheels` here, where PyPI
+#      is reachable; the device call must carry .whl) on the path with `pip install --target`, leaving the
+#      machine's own torch and triton alone, and the project's src/ likewise.
 #   2. benchmarks/gpu_check.py: impl='fla' and impl='chunked' on CUDA vs the naive loop, outputs and
 #      gradients, per-head and per-channel decay, fp32 and bf16 inputs (exit status 1 on a failed check).
 #   3. benchmarks/ops.py --device cuda: naive/chunked/fla/torch.compile timings over L and chunk size.
@@ -19,24 +19,31 @@ cd "$(dirname "$0")/.."
 
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && DRY=1
-OUT=benchmarks/results
-mkdir -p "$OUT"
-PY=${PYTHON:-python}
+RESULTS=benchmarks/results  # not OUT: the device tool passes its return folder as $OUT
+mkdir -p "$RESULTS"
+TOUCH=$(mktemp)  # results newer than this are the run's own
+PY=${PYTHON:-python3}  # the device image's python3 holds its CUDA torch
 START=$(date +%s)
 STATUS=0
 log() { echo "[gpu.sh +$(( $(date +%s) - START ))s] $*"; }
 left() { echo $(( 470 - ($(date +%s) - START) )); }  # seconds left of the 8-minute window (10 s margin)
 
 if [[ $DRY -eq 0 ]]; then
-  log "installing the project (no deps) and optional wheels"
-  timeout 90 $PY -m pip install --no-deps --no-build-isolation -q -e . || timeout 90 $PY -m pip install --no-deps -q -e . \
-    || { log "pip install -e . failed; using PYTHONPATH=src"; export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"; }
-  if compgen -G ".wheels/*.whl" > /dev/null; then
-    timeout 60 $PY -m pip install --no-deps -q .wheels/*.whl || log "warning: some wheels in .wheels did not install"
+  # src/ first, then the carried wheels: no pip install -e, whose build backend would need the network.
+  SITE=/tmp/vitlinearizer-site
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    log "installing the carried wheels into $SITE: $(ls .whl | tr '\n' ' ')"
+    timeout 90 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+      || log "warning: the wheels in .whl did not install; using the machine's own timm, without fla"
+  else
+    log "warning: no .whl/ carried (make gpu-wheels); using the machine's own timm, without fla"
   fi
+  export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
   $PY - <<'EOF'
 import torch
+import timm, vitlinearizer
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+print("timm", timm.__version__, "from", timm.__file__, "; vitlinearizer from", vitlinearizer.__file__)
 try:
     import fla, triton
     print("fla", getattr(fla, "__version__", "?"), "triton", triton.__version__)
@@ -50,14 +57,15 @@ else
 fi
 
 log "step 2: GPU path correctness (fla, chunked vs naive)"
-timeout $(( $(left) < 120 ? $(left) : 120 )) $PY benchmarks/gpu_check.py "${DEVICE_ARGS[@]}" --output-dir "$OUT" || STATUS=1
+timeout $(( $(left) < 120 ? $(left) : 120 )) $PY benchmarks/gpu_check.py "${DEVICE_ARGS[@]}" \
+  --output-dir "$RESULTS$([[ $DRY -eq 1 ]] && echo /tmp)" || STATUS=1
 
 log "step 3: kernel timings"
 if [[ $DRY -eq 0 ]]; then
   timeout $(( $(left) < 120 ? $(left) : 120 )) $PY benchmarks/ops.py --device cuda --threads 0 --repeats 10 \
-    --lengths 197 1025 4097 16385 --chunk-sizes 32 64 128 --output-dir "$OUT" || log "warning: ops.py did not finish"
+    --lengths 197 1025 4097 16385 --chunk-sizes 32 64 128 --output-dir "$RESULTS" || log "warning: ops.py did not finish"
 else
-  timeout 120 $PY benchmarks/ops.py --quick --output-dir "$OUT/tmp" || STATUS=1
+  timeout 120 $PY benchmarks/ops.py --quick --output-dir "$RESULTS/tmp" || STATUS=1
 fi
 
 log "step 4: student vs teacher table"
@@ -66,11 +74,16 @@ if [[ $DRY -eq 0 ]]; then
   # SIGINT, not timeout's default SIGTERM: bench writes the rows it measured when interrupted (then KILL).
   timeout -s INT -k 10 $(( BUDGET + 20 )) $PY -m vitlinearizer bench --device cuda --dtypes bf16 float32 --pairs small384 small base demo \
     --batch 32 --repeats 10 --time-budget 60 --max-minutes "$(awk "BEGIN {print $BUDGET / 60}")" \
-    --output-dir "$OUT" || log "warning: bench did not finish"
+    --output-dir "$RESULTS" || log "warning: bench did not finish"
 else
-  timeout 200 $PY -m vitlinearizer bench --quick --device cpu --output-dir "$OUT/tmp" || STATUS=1
+  timeout 200 $PY -m vitlinearizer bench --quick --device cpu --output-dir "$RESULTS/tmp" || STATUS=1
 fi
 
 log "done (status $STATUS); results:"
-ls -l "$OUT" | tail -n +2
+NEW=$(find "$RESULTS" -maxdepth 1 -type f -newer "$TOUCH")
+[[ -n "$NEW" ]] && ls -l $NEW
+# On the device tool's machine only what lies in $OUT comes back: copy this run's result files there.
+if [[ $DRY -eq 0 && -n "$NEW" && -n "${OUT:-}" && -d "${OUT:-}" ]]; then
+  cp $NEW "$OUT"/ && log "copied to \$OUT: $(echo $NEW | tr '\n' ' ')"
+fi
 exit $STATUS

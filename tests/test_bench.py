@@ -3,6 +3,7 @@ No wall-clock assertions: timings on a shared CPU are only checked for being pre
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -297,10 +298,19 @@ def test_module_entry_point_reports_a_bad_value_like_the_cli(tmp_path):
     assert "--sizes 34 for pair demo" in proc.stderr
 
 
-def test_gpu_script_parses():
-    # benchmarks/gpu.sh runs only on a lent GPU, once per session: a syntax error must show up here first.
-    proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+def test_gpu_script_dry_run_end_to_end(tmp_path):
+    """benchmarks/gpu.sh runs only on a lent GPU, once per session: its steps must be known to run here first
+    (--dry-run: the same Python steps on the CPU at tiny sizes), writing only under benchmarks/results/tmp."""
+    results = ROOT / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in results.iterdir() if p.is_file()}
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checks passed" in proc.stdout and "done (status 0)" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in results.iterdir() if p.is_file()} == before
+    assert (results / "tmp" / "gpu_check_cpu_dry.json").is_file()
 
 
 def test_an_interrupted_run_writes_the_rows_it_measured(tmp_path, monkeypatch, capsys):
