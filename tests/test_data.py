@@ -341,6 +341,41 @@ def test_imagefolder_getitem_replaces_bad_files_deterministically(tree):
     assert any(p.endswith("truncated.jpg") for p, _ in ds.skipped)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_leaves_out_a_file_that_fails_to_load_instead_of_scoring_a_replacement(tree, workers):
+    """Training replaces a file that fails at load time by the next sample; evaluation must not, or that sample
+    is scored twice and the failed file counted in n."""
+    from vitlinearizer.engine import evaluate_classifier
+
+    root, _ = tree
+    ds = _build_quiet(root, "train", verify="header")  # the truncated JPEG passes the header check
+    ds.transform = lambda img: torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+    truncated = str(root / "train" / "a_mixed" / "truncated.jpg")
+    assert truncated in {p for p, _ in ds.samples}
+
+    class Probe(torch.nn.Module):  # logits that remember every image it is shown
+        def __init__(self):
+            super().__init__()
+            self.anchor, self.seen = torch.nn.Parameter(torch.zeros(())), []
+
+        def forward(self, x):
+            self.seen.extend(x.flatten(1).sum(1).tolist())
+            return torch.zeros(len(x), ds.num_classes)
+
+    probe = Probe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        result = evaluate_classifier(probe, ds, batch_size=4, num_workers=workers)
+    assert result["n"] == len(ds) - 1
+    if workers == 0:  # every loadable image exactly once (as a multiset of image sums: two images are equal)
+        loadable = [i for i, (p, _) in enumerate(ds.samples) if p != truncated]
+        assert sorted(probe.seen) == pytest.approx(sorted(float(ds.transform(ds.load(i)).sum()) for i in loadable))
+        assert truncated in {p for p, _ in ds.skipped}
+    with warnings.catch_warnings():  # the caller's dataset keeps training's mode: the failed file is replaced
+        warnings.simplefilter("ignore", DataWarning)
+        assert ds[[p for p, _ in ds.samples].index(truncated)] is not None
+
+
 @pytest.mark.parametrize("verify", ["none", "full"])
 def test_imagefolder_dataloader_never_raises(tree, verify):
     root, bad = tree

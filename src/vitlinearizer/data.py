@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
@@ -157,6 +157,10 @@ class VisionDataset(Dataset, abc.ABC):
         # A JSON-lines file that runtime skips are appended to as well: a DataLoader worker's ``skipped`` dies with
         # the worker, the file is how the main process learns of them (``read_skip_log``).
         self.skip_log: Optional[Path] = None
+        # A sample that fails to load is replaced by the next one that loads: training keeps its batch size and
+        # does not die mid-epoch. Evaluation sets False: a failed sample then comes back as None and is left out,
+        # since a replacement would be scored twice.
+        self.replace_failed = True
 
     @property
     def num_classes(self) -> int:
@@ -315,10 +319,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Fully decode ``path`` into an RGB image; raises whatever Pillow raises for a bad file."""
+    """Fully decode ``path`` into an upright RGB image; raises whatever Pillow raises for a bad file."""
     with Image.open(path) as im:
         im.load()  # Pillow's default LOAD_TRUNCATED_IMAGES=False makes a truncated file raise here
-        return to_rgb(im)
+        # Cameras store portrait photos sideways plus an EXIF Orientation tag, which every viewer applies: the
+        # model must see (and be trained on) the photo as the user who labelled it saw it.
+        return to_rgb(ImageOps.exif_transpose(im))
 
 
 def _check_file(path: str, mode: str) -> Optional[str]:
@@ -446,7 +452,7 @@ class ImageFolderDataset(VisionDataset):
 
     def __getitem__(self, index: int):
         start, n = range(len(self))[index], len(self)
-        for step in range(n):
+        for step in range(n if self.replace_failed else 1):
             i = (start + step) % n  # deterministic replacement: the next sample that decodes
             path = str(self.keys[i])
             if path in self._bad:
@@ -456,10 +462,13 @@ class ImageFolderDataset(VisionDataset):
             except Exception as e:  # the run must not die mid-epoch over one file
                 self._bad.add(path)
                 self._record_skip(path, f"{type(e).__name__}: {e}")
-                warnings.warn(f"could not decode {path} ({type(e).__name__}: {e}); using the next sample",
-                              DataWarning, stacklevel=2)
+                instead = "using the next sample" if self.replace_failed else "left out"
+                warnings.warn(f"could not decode {path} ({type(e).__name__}: {e}); {instead}", DataWarning,
+                              stacklevel=2)
                 continue
             return self._finish(img, i)
+        if not self.replace_failed:
+            return None
         raise RuntimeError(f"no sample of {self.split_dir} could be decoded; see .skipped")
 
 

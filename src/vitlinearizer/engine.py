@@ -5,6 +5,7 @@ randomness and all optimiser/EMA/RNG state depend on the checkpointed position o
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,7 +25,7 @@ from timm.task import TrainingTask
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, list_checkpoints, load_latest_checkpoint, restore_training_state,
@@ -499,6 +500,13 @@ def _logged_step(line: str) -> int | None:
 
 
 @torch.no_grad()
+def _collate_loaded(samples: list):
+    """default_collate of the samples that loaded (a dataset in ``replace_failed=False`` mode gives None for the
+    others); None when none did."""
+    samples = [s for s in samples if s is not None]
+    return default_collate(samples) if samples else None
+
+
 def evaluate_classifier(model: nn.Module, dataset: Dataset, batch_size: int = 256, amp: str = "none",
                         device: Union[str, torch.device, None] = None, num_workers: int = 0) -> dict[str, float]:
     """``{"top1", "top5", "loss", "n"}``: accuracy in percent (top-5 is top-C for C < 5 classes)
@@ -506,10 +514,20 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, batch_size: int = 25
     if amp not in ("none", "bf16"):
         raise ValueError(f"amp must be one of 'none', 'bf16', got {amp!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    collate = None
+    if getattr(dataset, "replace_failed", False):
+        # Score each sample of the split once: a file that fails to load is left out, not replaced by the next
+        # one. A shallow copy, so the caller's dataset keeps its mode and shares the skip records.
+        dataset = copy.copy(dataset)
+        dataset.replace_failed = False
+        collate = _collate_loaded
     was_training, (n, hits1, hits5, loss) = model.training, (0, 0, 0, 0.0)
     model.eval()
     try:
-        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                collate_fn=collate):
+            if batch is None:
+                continue
             images, targets = batch[0].to(device), batch[1].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
                 logits = model(images)
@@ -520,5 +538,6 @@ def evaluate_classifier(model: nn.Module, dataset: Dataset, batch_size: int = 25
     finally:
         model.train(was_training)
     if n == 0:
-        raise ValueError("evaluate_classifier: the dataset is empty")
+        raise ValueError("evaluate_classifier: no sample to score (the dataset is empty, or none of its files "
+                         "could be loaded: see its .skipped)")
     return {"top1": 100.0 * hits1 / n, "top5": 100.0 * hits5 / n, "loss": loss / n, "n": n}

@@ -1,0 +1,41 @@
+"""Regression tests from an audit of ImageFolder data loading with a user's own photos."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from vitlinearizer.data import DataConfig, ImageFolderDataset, build_dataset, load_rgb
+
+EXIF_ORIENTATION = 0x0112
+
+
+def _sideways_photo(path):
+    """A 40x20 (W x H) JPEG whose EXIF says "rotate 90 degrees clockwise to view", as phones write portrait
+    photos; the stored left half is red, so upright the top half is red."""
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = (255, 0, 0)
+    a[:, 20:] = (0, 0, 255)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[EXIF_ORIENTATION] = 6
+    im.save(path, quality=95, exif=exif)
+
+
+def test_exif_rotated_photos_load_upright(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split / "portrait").mkdir(parents=True)
+        (tmp_path / split / "other").mkdir(parents=True)
+        _sideways_photo(tmp_path / split / "portrait" / "phone.jpg")
+        Image.new("RGB", (20, 40), (0, 255, 0)).save(tmp_path / split / "other" / "g.png")
+    im = load_rgb(tmp_path / "train" / "portrait" / "phone.jpg")
+    assert im.size == (20, 40)  # (W, H) as a viewer shows it, not as stored
+    top, bottom = np.asarray(im)[5, 10], np.asarray(im)[35, 10]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    ds = ImageFolderDataset(tmp_path, "train")
+    x, _ = ds[[p for p, _ in ds.samples].index(str(tmp_path / "train" / "portrait" / "phone.jpg"))]
+    assert x.shape == (3, 40, 20)
+    # Through the evaluation transform (a portrait-shaped input keeps the whole photo): red on top.
+    test = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), img_size=(40, 20), mean=0, std=1), "test")
+    x, label = test[[p for p, _ in test.samples].index(str(tmp_path / "val" / "portrait" / "phone.jpg"))]
+    assert test.classes[label] == "portrait"
+    assert x[0, :15].mean() > 0.8 and x[2, :15].mean() < 0.2 and x[2, 25:].mean() > 0.8
