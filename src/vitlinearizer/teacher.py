@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import inspect
+import math
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Collection, NamedTuple, Optional, Sequence, Union
@@ -64,7 +67,11 @@ def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False,
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj = load_file(str(path), device="cpu")
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) on a bad header
+            raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?); "
+                             f"loader said: {type(e).__name__}: {e}") from e
     else:
         obj = _torch_load_weights_only(path)
     keys = _EMA_KEYS + _CONTAINER_KEYS if prefer_ema else _CONTAINER_KEYS + _EMA_KEYS
@@ -88,8 +95,7 @@ def _torch_load_weights_only(path: Path):
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's own text suggests weights_only=False, the opposite of what we want; keep its cause.
-        why = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].split("\n")[0] or str(e)
+        why = _unpickler_reason(e)
         with open(path, "rb") as f:
             if not f.read(4).startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip, or protocol-2+ pickle
                 raise ValueError(f"{not_torch}; loader said: {why}") from None
@@ -99,6 +105,15 @@ def _torch_load_weights_only(path: Path):
             f"trusted environment (safetensors.torch.save_file). Loader said: {why}") from None
     except Exception as e:  # other files fail anywhere in torch's reader: RuntimeError, KeyError, EOFError, ...
         raise ValueError(f"{not_torch}; loader said: {type(e).__name__}: {e}") from e
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The cause in torch's weights-only error, without the text around it: that advises weights_only=False, the
+    opposite of what we want, and only some torch versions mark the cause with "WeightsUnpickler error:"."""
+    text = str(e).partition("WeightsUnpickler error:")[2] or str(e)
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "weights_only" not in line and not line.strip().startswith("Check the documentation")]
+    return lines[0].split(". ")[0] if lines else type(e).__name__
 
 
 def _strip_wrapper_prefix(sd: dict[str, torch.Tensor],
@@ -172,6 +187,12 @@ def _create_vit(model_name: str, kwargs: dict) -> nn.Module:
              if not hasattr(model, a)]
     if lacks:
         raise ValueError(f"{_NOT_VIT}; got {model_name!r} ({type(model).__name__}, lacks {', '.join(lacks)})")
+    if "return_prefix_tokens" not in inspect.signature(model.forward_intermediates).parameters:
+        # CaiT, XCiT: the class token joins only after the patch blocks, and their forward_intermediates lacks the
+        # arguments the token slicing below relies on; they would fail at the first training step.
+        raise ValueError(f"{_NOT_VIT}; got {model_name!r} ({type(model).__name__}), whose class token joins only "
+                         "after the patch blocks (its forward_intermediates cannot return prefix tokens). Distil from "
+                         "a ViT, e.g. vit_base_patch16_clip_224")
     if isinstance(model, Adventurer):
         # It has every attribute above, but its class token comes last, so prefix-first token slicing would
         # silently take a patch token for the class token.
@@ -226,6 +247,14 @@ class Teacher(nn.Module):
     def _load_weights(self, path: Path, ignore_head: bool, prefer_ema: bool) -> None:
         expected = self.model.state_dict()
         sd = load_state_dict_safely(path, prefer_ema=prefer_ema, model_keys=set(expected))
+        meta = read_export_metadata(path)
+        if meta is not None and "img_size" in meta:
+            # timm's filter takes the grid a position embedding was trained on from pretrained_cfg's input_size
+            # (224 by default), else assumes a square: a non-square export would be resampled from the wrong grid,
+            # or, at an equal token count, silently transposed.
+            update_pretrained_cfg(self.model, input_size=(3, *meta["img_size"]))
+        stored_shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        stored_pos = sd.get("pos_embed")
         family = importlib.import_module(timm.models.model_entrypoint(self.model_name).__module__)
         filter_fn = getattr(family, "checkpoint_filter_fn", None)
         stored, built = sd.get("patch_embed.proj.weight"), expected.get("patch_embed.proj.weight")
@@ -241,7 +270,23 @@ class Teacher(nn.Module):
             try:
                 sd = filter_fn(sd, self.model)
             except (RuntimeError, KeyError, ValueError, IndexError) as e:
-                raise ValueError(f"timm could not adapt {path} to {self.model_name!r}: {e}") from e
+                # E.g. a plain ViT file for DeiT-distilled: timm splits its position embedding at two prefix tokens
+                # and fails with a bare reshape error; the top-level tokens it lacks name the real mismatch.
+                lacks = sorted(k for k in set(expected) - set(sd) if "." not in k)
+                why = (f"; the file has no {', '.join(lacks)}, which {self.model_name!r} has: is it the checkpoint of "
+                       "another model (teacher.model, teacher.model_kwargs)?") if lacks else ""
+                raise ValueError(f"timm could not adapt {path} to {self.model_name!r}: {e}{why}") from e
+        pos, built_pos = sd.get("pos_embed"), expected.get("pos_embed")
+        if (stored_pos is not None and pos is not None and built_pos is not None and "img_size" not in (meta or {})
+                and pos.shape == stored_pos.shape == built_pos.shape and not torch.equal(pos, stored_pos)):
+            # Same token count on another grid (e.g. 7x28 vs 14x14): timm took the grid of pretrained_cfg's input
+            # size, right for its own weights, silently wrong for a file trained at the teacher's size.
+            size = tuple(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-2:])
+            warnings.warn(f"timm resampled {path}'s position embedding, which already has the teacher's token count, "
+                          f"from the grid of a {size[0]}x{size[1]} input (timm's assumption for {self.model_name!r}) to "
+                          f"{tuple(self.model.patch_embed.grid_size)}; if the file was trained at another size, name it: "
+                          "teacher.model_kwargs {pretrained_cfg_overlay: {input_size: [3, H, W]}}",
+                          UserWarning, stacklevel=3)
         heads = self.model.pretrained_cfg.get("classifier") or "head"  # ("head", "head_dist") for DeiT
         head_prefixes = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
         drop_head = ignore_head or getattr(self.model, "num_classes", None) == 0  # headless: features only
@@ -250,7 +295,8 @@ class Teacher(nn.Module):
             expected = {k: v for k, v in expected.items() if not k.startswith(head_prefixes)}
         missing = sorted(set(expected) - set(sd))
         unexpected = sorted(set(sd) - set(expected))
-        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        # The file's shape, not the filter's resampling of it, is what the user can recognise.
+        shapes = [f"{k}: checkpoint {stored_shapes.get(k, tuple(sd[k].shape))} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
         if missing or unexpected or shapes:
             lines = [f"checkpoint {path} does not fit teacher {self.model_name!r}:"] + [
@@ -263,15 +309,50 @@ class Teacher(nn.Module):
                              "num_classes to match it, or ignore_head=True (CLI: --teacher.ignore_head true) to drop the "
                              "head weights")
             lines += _prefix_hint(unexpected, expected)
+            lines += self._architecture_hint({k: tuple(v.shape) for k, v in sd.items()})
+            if any(k.startswith("pos_embed:") for k in shapes) and meta is None:
+                lines += self._pos_embed_hint(stored_shapes["pos_embed"])
             raise ValueError("\n".join(lines))
         self.model.load_state_dict(sd, strict=not drop_head)
         # A teacher trained by this library was trained on inputs normalised with its data's statistics, which
         # the file records; timm's pretrained_cfg only knows the architecture's default (ImageNet / 0.5). Reading
         # its inputs with the wrong statistics costs the demo's teacher ~3 points of accuracy, and every
         # distillation target would be computed from such inputs.
-        meta = read_export_metadata(path)
         if meta is not None and "mean" in meta and "std" in meta:
             update_pretrained_cfg(self.model, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+
+    def _architecture_hint(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """A line naming the ViT settings (width, depth) in which the checkpoint differs from the built teacher:
+        the key and shape lists above name the symptom, this names the option to change."""
+        blocks = {int(m.group(1)) for k in shapes for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+        proj = shapes.get("patch_embed.proj.weight")
+        if not blocks and proj is None:
+            return [f"  the checkpoint holds no ViT weights (no patch_embed or blocks keys; e.g. "
+                    f"{', '.join(sorted(shapes)[:3])}): is it another architecture's? teacher.model must be a ViT"]
+        found = {"embed_dim": proj[0] if proj is not None and len(proj) == 4 else None,
+                 "depth": max(blocks) + 1 if blocks else None}
+        built = {"embed_dim": self.embed_dim, "depth": self.depth}
+        differ = {k: v for k, v in found.items() if v is not None and v != built[k]}
+        if not differ:
+            return []
+        return [f"  the checkpoint is a ViT with {', '.join(f'{k} {v}' for k, v in differ.items())}, the teacher "
+                f"{self.model_name!r} is built with {', '.join(f'{k} {built[k]}' for k in differ)}: set teacher.model "
+                f"or teacher.model_kwargs as it was trained, e.g. {{{', '.join(f'{k}: {v}' for k, v in differ.items())}"
+                f"}}{' (and its num_heads)' if 'embed_dim' in differ else ''}"]
+
+    def _pos_embed_hint(self, shape: tuple[int, ...]) -> list[str]:
+        """A line for a position embedding timm could not resample: one of a non-square grid, whose height and
+        width a plain state dict does not record (timm then assumes a square)."""
+        prefix = 0 if getattr(self.model, "no_embed_class", False) else self.num_prefix_tokens
+        n = shape[1] - prefix if len(shape) == 3 else 0
+        if n <= 0 or math.isqrt(n) ** 2 == n:
+            return []
+        ph, pw = self.patch_size
+        sizes = [f"{h * ph}x{n // h * pw}" for h in range(1, n + 1) if n % h == 0 and 1 / 4 <= h * h / n <= 4]
+        return [f"  pos_embed: the checkpoint's {n} positions are a non-square grid, which timm cannot resample "
+                f"without knowing its height and width; build the teacher at the size it was trained at "
+                f"(data.img_size, with {ph}x{pw} patches one of {', '.join(sizes)}), or name that size H x W to timm: "
+                f"teacher.model_kwargs {{pretrained_cfg_overlay: {{input_size: [3, H, W]}}}}"]
 
     def train(self, mode: bool = True) -> "Teacher":
         """Ignores ``mode``: the target must stay deterministic (no dropout/drop-path)."""
@@ -340,7 +421,7 @@ class Teacher(nn.Module):
         if num_stages < 1 or d % num_stages:
             allowed = [k for k in range(1, d + 1) if d % k == 0]
             raise ValueError(f"cannot split teacher depth {d} into K={num_stages} equal stages; "
-                             f"K must divide {d}: one of {allowed}")
+                             f"K (distill.num_stages) must divide {d}: one of {allowed}")
         return [d // num_stages * (i + 1) - 1 for i in range(num_stages)]
 
     @torch.no_grad()
