@@ -160,6 +160,18 @@ def test_own_imagefolder_at_a_non_default_resolution(tmp_path, capsys):
     _image_folder(tmp_path / "other", classes=("circle", "star"))
     assert main(["eval", "--checkpoint", ckpt, "--data.name", "imagefolder", "--data.root", str(tmp_path / "other")]) == 2
     assert "1: data 'star' vs model 'square'" in capsys.readouterr().err
+    # The holdout split is a seeded draw from train/'s listing: the same listing gives the same split, silently;
+    # a changed one (a file added, removed or unreadable now) a different split, which must not pass silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main(["eval", "--checkpoint", ckpt, *data[:4], "--split", "holdout"]) == 0
+    capsys.readouterr()
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "data" / "train" / "circle" / "new.png")
+    with pytest.warns(UserWarning, match=r"not the listing .* trained on \(12 files then, 13 now"):
+        assert main(["eval", "--checkpoint", ckpt, *data[:4], "--split", "holdout"]) == 0
+    _image_folder(tmp_path / "three", classes=("circle", "square", "star"))
+    assert main(["eval", "--checkpoint", ckpt, "--data.name", "imagefolder", "--data.root", str(tmp_path / "three")]) == 2
+    assert "3 classes (circle, square, star) but the model predicts 2 (circle, square)" in capsys.readouterr().err
     image = next((tmp_path / "data" / "val" / "square").glob("*.jpg"))
     assert main(["predict", "--checkpoint", ckpt, "--json", str(image)]) == 0
     preds = json.loads(capsys.readouterr().out)
@@ -253,7 +265,8 @@ def test_resume_reproduces_uninterrupted_run(pipeline, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--train.lrr", "1e-3"], "unrecognized arguments: --train.lrr"),
+    (["--train.lrr", "1e-3"], r"unrecognized arguments: --train.lrr 1e-3 \(--train.lrr: did you mean --train.lr\b"),
+    (["--data.num_workers", "2"], r"unrecognized arguments: --data.num_workers 2 \(--data.num_workers: did you mean --train.num_workers\?\)"),
     (["--train.lr", "fast"], "train.lr expects a number, got 'fast'"),
     (["--train.lr", "-1"], "lr must be > 0"),
     (["--distill.mask_ratio", "1.5"], r"mask_ratio must be in \(0, 1\)"),
@@ -279,6 +292,22 @@ class _no_raise:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_training_commands_refuse_a_single_class_and_a_teacher_size_off_its_patch(tmp_path, capsys):
+    """One class trains to loss 0 and 100% whatever the images; a teacher at 30 px with patch 8 would have its
+    last 6 px cropped silently (timm's ViT): both refused before training, naming the fix."""
+    _image_folder(tmp_path / "one", classes=("circle",))
+    data = ["--data.name", "imagefolder", "--data.root", str(tmp_path / "one"), "--data.img_size", "32"]
+    for command in ("train-teacher", "finetune"):
+        assert main([command, *TINY, *data, "--output_dir", str(tmp_path / command)]) == 2
+        assert "has 1 class (circle): a classifier needs at least 2" in capsys.readouterr().err
+        assert not (tmp_path / command / "checkpoints").exists()
+    tiny_vit = ["--teacher.model_kwargs", "{patch_size: 8, embed_dim: 32, depth: 1, num_heads: 2}"]
+    assert main(["train-teacher", *TINY, *tiny_vit, "--data.img_size", "30", "--output_dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "data.img_size for teacher vit_tiny_patch16_224" in err and "not a multiple of the patch size 8x8" in err
+    assert not (tmp_path / "t" / "checkpoints").exists()
 
 
 def test_yaml_config_unknown_key_is_named(tmp_path, capsys):

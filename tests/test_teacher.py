@@ -123,6 +123,17 @@ def test_timm_train_checkpoint_with_namespace_args(tmp_path):
     over = {**TINY, "depth": 2, "num_classes": 5}
     assert _outputs_equal(Teacher(NAME, weights=path, **over), src)
     assert _outputs_equal(Teacher(NAME, weights=path, prefer_ema=True, **over), ema)
+    # The same choice from the command line / YAML: teacher.prefer_ema.
+    from vitlinearizer import config as C
+    from vitlinearizer.runner import build_teacher
+
+    kwargs = {k: v for k, v in over.items() if k not in ("img_size", "num_classes")}
+    for prefer_ema, expected in ((False, src), (True, ema)):
+        cfg = C.build_config({"data": {"name": "synthetic", "img_size": 32, "num_classes": 5},
+                              "teacher": {"model": NAME, "model_kwargs": kwargs, "weights": str(path),
+                                          "prefer_ema": prefer_ema}})
+        teacher = build_teacher(cfg, 5, None, None)
+        assert _outputs_equal(teacher, expected), prefer_ema
 
 
 @pytest.mark.parametrize("prefix", ["model.", "net.", "teacher.", "backbone.", "encoder.", "model._orig_mod."])

@@ -6,6 +6,7 @@ Training commands read a YAML file (``--config``, see ``configs/``) and accept e
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import typing
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import show_data_warnings_plainly
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_flag_hints(parser, args.command, unknown)}")
     show_data_warnings_plainly()
     try:
         return _dispatch(args)
@@ -154,6 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"vitlinearizer {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+
+
+def _flag_hints(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """'; did you mean ...' for flags given in the wrong section (--data.num_workers for --train.num_workers)
+    or misspelt, among the flags ``command`` takes."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = [f for f in subparsers.choices[command]._option_string_actions if f.startswith("--")]
+    hints = []
+    for token in unknown:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=")[0]
+        same_key = [f for f in flags if "." in name and f.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1]]
+        close = same_key or difflib.get_close_matches(name, flags, n=2, cutoff=0.75)
+        if close:
+            hints.append(f"{name}: did you mean {' or '.join(close)}?")
+    return f" ({'; '.join(hints)})" if hints else ""
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -52,6 +52,7 @@ class TeacherConfig:
     model_kwargs: dict = field(default_factory=dict)
     weights: str | None = None
     ignore_head: bool = False
+    prefer_ema: bool = False
 
     def validate(self) -> None:
         _check_model_kwargs("teacher", self.model_kwargs, {
@@ -143,6 +144,8 @@ HELP = {
     "teacher.model_kwargs": "extra keyword arguments for the teacher's timm.create_model",
     "teacher.weights": "local teacher weights (.safetensors / .pth / .bin)",
     "teacher.ignore_head": "drop the checkpoint's classifier (e.g. other class count)",
+    "teacher.prefer_ema": "take the EMA weights (model_ema / state_dict_ema) of a checkpoint that holds both, as "
+                          "timm's train.py writes them; default: the raw weights",
     "distill.objective": "both | act | mask | none (none: supervised only)",
     "distill.mask_ratio": "fraction of student patch tokens replaced by the mask token, in (0, 1)",
     "distill.mask_type": "random | block",

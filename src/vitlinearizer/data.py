@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import copy
 import gzip
+import hashlib
 import json
 import os
 import struct
@@ -161,6 +162,8 @@ class VisionDataset(Dataset, abc.ABC):
         # does not die mid-epoch. Evaluation sets False: a failed sample then comes back as None and is left out,
         # since a replacement would be scored twice.
         self.replace_failed = True
+        # Of the train and holdout splits: the training listing they were drawn from (see listing_fingerprint).
+        self.split_from: Optional[dict] = None
 
     @property
     def num_classes(self) -> int:
@@ -187,6 +190,16 @@ class VisionDataset(Dataset, abc.ABC):
         new.keys, new.targets = self.keys[positions], self.targets[positions]
         new.skipped = list(self.skipped)  # later runtime skips are recorded per split
         return new
+
+    def _key_name(self, key) -> str:
+        return str(key)
+
+    def listing_fingerprint(self) -> dict:
+        """``{"files", "digest"}`` of the (key, label) list. The holdout split is a seeded draw from this list, so
+        the same seed draws the same images only from the same list: an export records it, and ``eval --split
+        holdout`` checks that the data still gives it."""
+        listing = "".join(f"{self._key_name(key)}\t{target}\n" for key, target in zip(self.keys, self.targets.tolist()))
+        return {"files": len(self), "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.targets, minlength=self.num_classes)
@@ -447,6 +460,9 @@ class ImageFolderDataset(VisionDataset):
     def samples(self) -> list[tuple[str, int]]:
         return [(str(p), int(t)) for p, t in zip(self.keys, self.targets)]
 
+    def _key_name(self, key) -> str:  # relative: a tree copied elsewhere is the same listing
+        return Path(os.path.relpath(str(key), self.split_dir)).as_posix()
+
     def load(self, i: int) -> Image.Image:
         return load_rgb(self.keys[i])
 
@@ -572,8 +588,10 @@ def build_dataset(cfg: DataConfig, split: str, *, classes: Optional[Sequence[str
     cfg.validate()
     ds = _source(cfg, test=split == "test", classes=classes)
     if split != "test":
+        listing = ds.listing_fingerprint() if cfg.holdout_fraction > 0 else None
         keep, hold = stratified_split(ds.targets, cfg.holdout_fraction, cfg.seed)
         ds = ds.subset(keep if split == "train" else hold)
+        ds.split_from = listing
     cap = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if cap is not None and cap < len(ds):
         ds = ds.subset(balanced_subset(ds.targets, cap, cfg.seed))

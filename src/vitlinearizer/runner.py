@@ -154,11 +154,16 @@ def _seed_initialisation(cfg: RunConfig) -> None:
     seed_all(derive_seed(cfg.train.seed, 3))  # 3: a stream apart from the engine's (data order 1, training 2)
 
 
-def _datasets(cfg: RunConfig, test: bool = True):
-    """Dataset info, the training set and the holdout set; ``test``: the run ends with a test evaluation, whose
-    data must then exist before training starts (not be found missing after it)."""
-    check_data_source(cfg.data, ("train", "test") if test else ("train",))
+def _datasets(cfg: RunConfig, classifier: bool = True):
+    """Dataset info, the training set and the holdout set. ``classifier``: the run trains with labels and ends
+    with a test evaluation, whose data must then exist before training starts (not be found missing after it)."""
+    check_data_source(cfg.data, ("train", "test") if classifier else ("train",))
     info = dataset_info(cfg.data)
+    if classifier and info["num_classes"] < 2:
+        # One class trains to loss 0 and 100% accuracy, whatever the images: a layout mistake, not a result.
+        raise ValueError(f"the training data has {info['num_classes']} class ({', '.join(info['class_names'])}): "
+                         "a classifier needs at least 2; for ImageFolder data put each class's images in its own "
+                         "folder under train/ (distill alone, which uses no labels, takes one folder)")
     train = build_dataset(cfg.data, "train")
     holdout = build_dataset(cfg.data, "holdout") if cfg.data.holdout_fraction > 0 else None
     return info, train, holdout
@@ -203,6 +208,8 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
         return summary
     trained = trainer.ema.module if trainer.ema is not None else trainer.student
     meta = model_metadata(kind, model_name, model_kwargs, cfg.data, info)
+    if train_ds.split_from is not None:
+        meta["holdout_drawn_from"] = train_ds.split_from
     summary["exported"] = str(export_model(trained, run_dir / filename, meta))
     return _finish(summary, run_dir, trained, cfg, train_ds, holdout, test_split=kind != "distilled-student")
 
@@ -318,7 +325,8 @@ def build_teacher(cfg: RunConfig, num_classes: int, data_mean, data_std) -> Teac
         warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher", stacklevel=2)
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
         teacher = Teacher(cfg.teacher.model, weights=cfg.teacher.weights, img_size=_img_size(cfg.data),
-                          num_classes=num_classes, ignore_head=cfg.teacher.ignore_head, **cfg.teacher.model_kwargs)
+                          num_classes=num_classes, ignore_head=cfg.teacher.ignore_head,
+                          prefer_ema=cfg.teacher.prefer_ema, **cfg.teacher.model_kwargs)
     teacher.set_input_normalization(data_mean, data_std)
     return teacher
 
@@ -348,6 +356,12 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
         model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
                                   **cfg.teacher.model_kwargs)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:  # timm's ViT crops what does not fill a patch, silently; the student refuses it
+        try:
+            patch_grid(*_img_size(cfg.data), tuple(patch))
+        except ValueError as exc:
+            raise ValueError(f"data.img_size for teacher {cfg.teacher.model}: {exc}") from None
     task = ClassificationTask(model, label_smoothing=cfg.finetune.label_smoothing)
     return _train_and_export(task, cfg, info, train_ds, holdout, resume, "teacher", cfg.teacher.model,
                              cfg.teacher.model_kwargs, "teacher.safetensors")
@@ -359,7 +373,7 @@ def distill(cfg: RunConfig, resume: bool = False) -> dict:
     cfg = resolve_student(cfg)
     _seed_initialisation(cfg)
     supervised = cfg.distill.objective == "none"
-    info, train_ds, _ = _datasets(cfg, test=supervised)
+    info, train_ds, _ = _datasets(cfg, classifier=supervised)
     student = build_student(cfg, info["num_classes"], use_mask_token=True)
     # Distillation matches features only: a headless teacher, so a checkpoint trained on other classes
     # (e.g. ImageNet's 1000) needs no --teacher.ignore_head.
@@ -480,6 +494,13 @@ def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
     return evaluate_classifier(teacher, dataset, cfg.train.batch_size * 2)
 
 
+def _names(classes, limit: int = 10) -> str:
+    if classes is None:
+        return "names not recorded"
+    classes = list(classes)
+    return ", ".join(map(str, classes[:limit])) + (f", ... ({len(classes) - limit} more)" if len(classes) > limit else "")
+
+
 def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batch_size: int = 256,
              device: str = "auto", explicit=None) -> dict:
     """Top-1/top-5 of an exported model on a split of ``data``, always with the eval transform.
@@ -496,8 +517,17 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     no_train = data.name == "imagefolder" and not (Path(data.root) / "train").is_dir()
     dataset = build_dataset(data, split, classes=meta.get("classes") if no_train else None)
     dataset.transform = build_transform(data, train=False)  # the train split too: no augmentation draws
+    recorded = meta.get("holdout_drawn_from")
+    if split == "holdout" and recorded and dataset.split_from and dataset.split_from != recorded:
+        then, now = recorded["files"], dataset.split_from["files"]
+        change = f"{then} files then, {now} now" if then != now else f"{now} files, but other names or labels"
+        warnings.warn(f"the training data is not the listing {checkpoint} was trained on ({change}; an added, "
+                      "removed or unreadable file, or another data.verify): the holdout drawn now is not the split it "
+                      "was trained without and can overlap its training images; evaluate on --split test, or on the "
+                      "data as it was", UserWarning, stacklevel=2)
     if dataset.num_classes != meta["num_classes"]:
-        raise ValueError(f"the data has {dataset.num_classes} classes but the model predicts {meta['num_classes']}")
+        raise ValueError(f"the data has {dataset.num_classes} classes ({_names(dataset.classes)}) but the model predicts "
+                         f"{meta['num_classes']} ({_names(meta.get('classes'))}): evaluate it on data with its classes")
     if dataset.classes != list(meta["classes"]):  # same count, other labels: the accuracy would be meaningless
         differ = [f"{i}: data {a!r} vs model {b!r}" for i, (a, b) in enumerate(zip(dataset.classes, meta["classes"]))
                   if a != b]
