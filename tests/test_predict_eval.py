@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vitlinearizer import config as C
-from vitlinearizer import runner
+from vitlinearizer import evaluation, runner
 from vitlinearizer.checkpoint import CheckpointError, export_model
 from vitlinearizer.cli import main
 from vitlinearizer.data import DataConfig, build_transform, dataset_info, load_rgb
@@ -107,23 +107,23 @@ def test_predict_runs_a_teacher_at_another_size(tmp_path, capsys):
 def test_a_distilled_student_warns_that_its_head_is_untrained(tmp_path, capsys):
     distilled = _export(tmp_path / "student.safetensors", kind="distilled-student")
     with pytest.warns(UserWarning, match="distilled, not fine-tuned, student: its classification head is untrained"):
-        runner.predict(distilled, _images(tmp_path / "img", n=1))
+        evaluation.predict(distilled, _images(tmp_path / "img", n=1))
     with pytest.warns(UserWarning, match="vitlinearizer finetune --student.checkpoint"):
-        runner.evaluate(distilled, DataConfig(name="synthetic", synthetic_length=12, num_classes=3))
+        evaluation.evaluate(distilled, DataConfig(name="synthetic", synthetic_length=12, num_classes=3))
 
 
 def test_eval_of_the_train_split_uses_the_eval_transform(student):
     data = dict(name="synthetic", synthetic_length=48, num_classes=3, holdout_fraction=0.0)
-    first = runner.evaluate(student, DataConfig(**data), split="train")
+    first = evaluation.evaluate(student, DataConfig(**data), split="train")
     # Random crops and flips would give another loss on each call.
-    assert runner.evaluate(student, DataConfig(**data), split="train") == first
+    assert evaluation.evaluate(student, DataConfig(**data), split="train") == first
 
 
 def test_eval_takes_preprocessing_from_the_export_unless_given(tmp_path, monkeypatch):
     ckpt = _export(tmp_path / "student.safetensors", crop_pct=0.875, interpolation="bilinear",
                    mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7])
     seen = []
-    monkeypatch.setattr(runner, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
+    monkeypatch.setattr(evaluation, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
     image = load_rgb(_images(tmp_path / "img", size=(50, 37))[0])
 
     def expected(**changes):
@@ -131,10 +131,10 @@ def test_eval_takes_preprocessing_from_the_export_unless_given(tmp_path, monkeyp
                       interpolation="bilinear")
         return build_transform(DataConfig(**{**export, **changes}), train=False)(image)
 
-    runner.evaluate(ckpt, DataConfig(name="synthetic", num_classes=3, synthetic_length=6))
+    evaluation.evaluate(ckpt, DataConfig(name="synthetic", num_classes=3, synthetic_length=6))
     assert torch.equal(seen[-1].transform(image), expected())
     # What the user sets wins (here crop_pct=1 and a size of 32, both also DataConfig defaults or not).
-    runner.evaluate(ckpt, DataConfig(name="synthetic", num_classes=3, synthetic_length=6, crop_pct=1.0, img_size=32),
+    evaluation.evaluate(ckpt, DataConfig(name="synthetic", num_classes=3, synthetic_length=6, crop_pct=1.0, img_size=32),
                     explicit={"crop_pct", "img_size"})
     assert torch.equal(seen[-1].transform(image), expected(crop_pct=1.0, img_size=32))
 
@@ -155,7 +155,7 @@ def test_eval_holdout_uses_the_training_runs_split(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["n"] == 12  # 0.25 of 48, not the default 0.1
     (run / "config.yaml").unlink()
     with pytest.warns(UserWarning, match="does not record the holdout split"):
-        assert runner.evaluate(ckpt, DataConfig(name="synthetic", synthetic_length=48, num_classes=3),
+        assert evaluation.evaluate(ckpt, DataConfig(name="synthetic", synthetic_length=48, num_classes=3),
                                split="holdout")["n"] == 5
 
 
@@ -258,7 +258,7 @@ def test_eval_reads_its_config_file_once(student, tmp_path, monkeypatch, capsys)
     reads, load_yaml = [], C.load_yaml
     monkeypatch.setattr(C, "load_yaml", lambda path: reads.append(path) or load_yaml(path))
     seen = []
-    monkeypatch.setattr(runner, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
+    monkeypatch.setattr(evaluation, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
     ckpt = _export(tmp_path / "cropped.safetensors", crop_pct=0.875)
     assert main(["eval", "--checkpoint", ckpt, "--config", str(cfg)]) == 0
     assert reads == [str(cfg)] and json.loads(capsys.readouterr().out)["n"] == 6

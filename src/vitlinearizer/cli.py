@@ -204,7 +204,7 @@ def _explicit_data_keys(args: argparse.Namespace, base: dict) -> set[str]:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from . import runner
+    from . import evaluation, runner
 
     if args.command in TRAINING_COMMANDS:
         cfg = resolve_config(args, args.command)
@@ -226,7 +226,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         base = _yaml_values(args)  # read once: the config and the keys it sets come from the same file contents
         cfg = resolve_config(args, "eval", base)
-        print(json.dumps(runner.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device,
+        print(json.dumps(evaluation.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device,
                                          explicit=_explicit_data_keys(args, base)), indent=2))
         return 0
     if args.command == "predict":
@@ -240,7 +240,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             elif not args.json:
                 print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]), flush=True)
 
-        results = runner.predict(args.checkpoint, args.images, args.topk, args.device, img_size, on_result=show)
+        results = evaluation.predict(args.checkpoint, args.images, args.topk, args.device, img_size, on_result=show)
         if args.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))  # class names as the folders spell them
         failed = sum("error" in r for r in results)

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
+
+from .images import IMG_EXTENSIONS, check_image_file, load_rgb
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -31,7 +33,6 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 # background lands at ~-2 and the data mean at ~-0.7; these keep inputs zero-mean, unit-variance for both models.
 FASHION_MNIST_MEAN = (0.2860, 0.2860, 0.2860)
 FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DATASET_NAMES = ("fashion_mnist", "imagefolder", "synthetic")
 AUGMENTS = ("timm", "simple", "none")
 VERIFY_MODES = ("full", "header", "none")
@@ -312,58 +313,6 @@ class SyntheticDataset(VisionDataset):
         return Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB: 16/32-bit grey is scaled (not clipped), alpha composited on white."""
-    if im.mode.startswith("I") or im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-        # "I;16*" and "I" (how Pillow opens 16-bit PNG/TIFF/PGM) are read as 0..65535 and "F" as 0..1, so one
-        # image's brightness is not renormalised; values outside that range are stretched to fit instead.
-        top = 1.0 if im.mode == "F" else 65535.0
-        lo, top = (0.0, top) if lo >= 0 and hi <= top else (lo, max(hi, lo + 1e-6))
-        a = (a - lo) / (top - lo) * 255.0
-        return Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8)).convert("RGB")
-    # White, not black, behind transparency: icons/cut-outs are drawn for light backgrounds, and black would
-    # invent hard edges around every object.
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Fully decode ``path`` into an upright RGB image; raises whatever Pillow raises for a bad file."""
-    with Image.open(path) as im:
-        im.load()  # Pillow's default LOAD_TRUNCATED_IMAGES=False makes a truncated file raise here
-        # Cameras store portrait photos sideways plus an EXIF Orientation tag, which every viewer applies: the
-        # model must see (and be trained on) the photo as the user who labelled it saw it.
-        return to_rgb(ImageOps.exif_transpose(im))
-
-
-def _check_file(path: str, mode: str) -> Optional[str]:
-    """None if ``path`` passes ``mode`` verification, otherwise the reason."""
-    if mode == "none":
-        return None
-    try:
-        st = os.stat(path)
-    except OSError as e:  # e.g. a dangling symlink
-        return f"cannot stat: {e}"
-    return _verify(path, st.st_size, st.st_mtime_ns, mode)
-
-
-@lru_cache(maxsize=None)  # size and mtime in the key: train/holdout rebuilds reuse it, edited files are redone
-def _verify(path: str, size: int, mtime_ns: int, mode: str) -> Optional[str]:
-    if size == 0:
-        return "empty file (0 bytes)"
-    try:
-        with warnings.catch_warnings():  # Pillow's per-file chatter would drown the summary warning
-            warnings.simplefilter("ignore")
-            load_rgb(path) if mode == "full" else Image.open(path).close()  # open() parses the header
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _list_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise FileNotFoundError(f"{split_dir} not found: pass data.root pointing at {_LAYOUT}")
@@ -436,7 +385,7 @@ class ImageFolderDataset(VisionDataset):
         ignored += [str(p) for p in self.split_dir.iterdir() if p.is_file()]  # loose files outside class dirs
         skipped, samples = [], []
         for path, label in candidates:
-            reason = _check_file(path, verify)
+            reason = check_image_file(path, verify)
             (samples.append((path, label)) if reason is None else skipped.append((path, reason)))
         if skipped:
             msg = f"{len(skipped)} unreadable file(s) in {self.split_dir} (at most 50 listed):\n" + "\n".join(

@@ -1,4 +1,5 @@
-"""The pipeline stages behind the CLI: train a teacher, distil, fine-tune, evaluate, predict.
+"""The pipeline stages behind the CLI: train a teacher, distil, fine-tune (``eval`` and ``predict`` of their
+exports: :mod:`vitlinearizer.evaluation`).
 
 Each stage takes a validated :class:`RunConfig`, writes a run directory (``config.yaml``, ``metrics.jsonl``,
 ``checkpoints/``, an exported ``.safetensors`` model and ``summary.json``) and returns the summary.
@@ -24,8 +25,7 @@ from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
                          read_export_metadata, update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, StudentConfig, dump_yaml
-from .data import (DataConfig, build_dataset, build_transform, check_data_source, dataset_info, load_rgb,
-                   read_skip_log)
+from .data import DataConfig, build_dataset, build_transform, check_data_source, dataset_info, read_skip_log
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
@@ -415,76 +415,6 @@ def finetune(cfg: RunConfig, resume: bool = False) -> dict:
                              dict(cfg.student.model_kwargs, mixer=cfg.student.mixer), "student.safetensors")
 
 
-# What an export's metadata fixes about the input: eval and predict take these from the file, as it was trained.
-_PREPROCESSING = ("img_size", "mean", "std", "interpolation", "crop_pct")
-
-
-def _export_preprocessing(data: DataConfig, meta: dict, explicit=None) -> DataConfig:
-    """``data`` with the export's preprocessing in every field of ``_PREPROCESSING`` not in ``explicit`` (the
-    fields a user set); ``explicit=None`` counts a field as set when it differs from DataConfig's default."""
-    default = DataConfig()
-    for field in _PREPROCESSING:
-        given = field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
-        if not given and meta.get(field) is not None:
-            setattr(data, field, tuple(meta[field]) if isinstance(meta[field], list) else meta[field])
-    return data.validate()
-
-
-def _warn_if_untrained_head(checkpoint, meta: dict) -> None:
-    # distill trains the features only: the head keeps its random initialisation, so its labels are noise.
-    if meta.get("kind") == "distilled-student":
-        warnings.warn(f"{checkpoint} is a distilled, not fine-tuned, student: its classification head is untrained, "
-                      "so its labels, probabilities and accuracy mean nothing; run `vitlinearizer finetune "
-                      f"--student.checkpoint {checkpoint} ...` first and use that run's export", UserWarning,
-                      stacklevel=3)
-
-
-def _recorded_split(checkpoint, meta: dict) -> dict | None:
-    """holdout_fraction and seed of the data the export was trained on: from its metadata, else from the
-    config.yaml of its run directory (when that run built this model); None when neither records them."""
-    if meta.get("holdout_fraction") is not None:
-        return {"holdout_fraction": meta["holdout_fraction"], "seed": meta.get("data_seed", DataConfig().seed)}
-    path = Path(checkpoint).parent / "config.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-    try:
-        run = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None
-    role = "teacher" if meta.get("kind") == "teacher" else "student"
-    if not isinstance(run, dict) or (run.get(role) or {}).get("model") != meta.get("model"):
-        return None  # a config.yaml of some other run
-    data = run.get("data") or {}
-    default = DataConfig()
-    return {"holdout_fraction": data.get("holdout_fraction", default.holdout_fraction),
-            "seed": data.get("seed", default.seed)}
-
-
-def _use_recorded_split(checkpoint, meta: dict, data: DataConfig, explicit=None) -> None:
-    """Set data.holdout_fraction/seed to the training run's, so that the holdout split is the images the model
-    was not trained on; a value the user set is kept, with a warning where it differs."""
-    recorded = _recorded_split(checkpoint, meta)
-    if recorded is None:
-        warnings.warn(f"{checkpoint} does not record the holdout split it was trained with (neither its metadata "
-                      f"nor a config.yaml of its run beside it): using data.holdout_fraction={data.holdout_fraction} "
-                      f"and data.seed={data.seed}; if training used others, this 'holdout' overlaps the training "
-                      "images", UserWarning, stacklevel=3)
-        return
-    default = DataConfig()
-    for field, value in recorded.items():
-        given = field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
-        if not given:
-            setattr(data, field, value)
-        elif getattr(data, field) != value:
-            warnings.warn(f"data.{field}={getattr(data, field)!r} but {checkpoint} was trained with {value!r}: this "
-                          "'holdout' overlaps the training images; omit the option to use the training split",
-                          UserWarning, stacklevel=3)
-    if data.holdout_fraction == 0:
-        raise ValueError(f"{checkpoint} was trained on the whole training set (holdout_fraction 0), so it has no "
-                         "holdout split; evaluate it on --split test")
-
-
 def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
     """Accuracy of the configured teacher (``teacher.weights``) on a split of ``cfg.data``."""
     info = dataset_info(cfg.data)
@@ -492,120 +422,3 @@ def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
     dataset = build_dataset(cfg.data, split)
     dataset.transform = build_transform(cfg.data, train=False)  # the train split too: no augmentation draws
     return evaluate_classifier(teacher, dataset, cfg.train.batch_size * 2)
-
-
-def _names(classes, limit: int = 10) -> str:
-    if classes is None:
-        return "names not recorded"
-    classes = list(classes)
-    return ", ".join(map(str, classes[:limit])) + (f", ... ({len(classes) - limit} more)" if len(classes) > limit else "")
-
-
-def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batch_size: int = 256,
-             device: str = "auto", explicit=None) -> dict:
-    """Top-1/top-5 of an exported model on a split of ``data``, always with the eval transform.
-
-    Preprocessing (img_size, mean, std, interpolation, crop_pct) comes from the model's metadata and, for
-    ``split="holdout"``, holdout_fraction/seed from the training run's record, except for the data fields named
-    in ``explicit`` (None: the fields that differ from DataConfig's defaults)."""
-    model, meta = load_exported_model(checkpoint, resolve_device(device))
-    _warn_if_untrained_head(checkpoint, meta)
-    _export_preprocessing(data, meta, explicit)
-    if split == "holdout":
-        _use_recorded_split(checkpoint, meta, data, explicit)
-    # A train/ labels the data (checked against the model's classes below); without one, the export's classes do.
-    no_train = data.name == "imagefolder" and not (Path(data.root) / "train").is_dir()
-    dataset = build_dataset(data, split, classes=meta.get("classes") if no_train else None)
-    dataset.transform = build_transform(data, train=False)  # the train split too: no augmentation draws
-    recorded = meta.get("holdout_drawn_from")
-    if split == "holdout" and recorded and dataset.split_from and dataset.split_from != recorded:
-        then, now = recorded["files"], dataset.split_from["files"]
-        change = f"{then} files then, {now} now" if then != now else f"{now} files, but other names or labels"
-        warnings.warn(f"the training data is not the listing {checkpoint} was trained on ({change}; an added, "
-                      "removed or unreadable file, or another data.verify): the holdout drawn now is not the split it "
-                      "was trained without and can overlap its training images; evaluate on --split test, or on the "
-                      "data as it was", UserWarning, stacklevel=2)
-    if dataset.num_classes != meta["num_classes"]:
-        raise ValueError(f"the data has {dataset.num_classes} classes ({_names(dataset.classes)}) but the model predicts "
-                         f"{meta['num_classes']} ({_names(meta.get('classes'))}): evaluate it on data with its classes")
-    if dataset.classes != list(meta["classes"]):  # same count, other labels: the accuracy would be meaningless
-        differ = [f"{i}: data {a!r} vs model {b!r}" for i, (a, b) in enumerate(zip(dataset.classes, meta["classes"]))
-                  if a != b]
-        raise ValueError(f"the data's classes are not the ones the model was trained on ({'; '.join(differ[:5])}); "
-                         "evaluate on data with the same class folders")
-    result = evaluate_classifier(model, dataset, batch_size)
-    return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
-
-
-def _image_files(images) -> list[str]:
-    """The files ``images`` names, a directory standing for the images below it (sorted, recursive, with the
-    extensions ImageFolder reads); every missing path is checked before any work, and all are named."""
-    from .data import IMG_EXTENSIONS
-
-    missing = [str(p) for p in images if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image path(s) do not exist: {', '.join(missing)}")
-    files = []
-    for path in map(Path, images):
-        if not path.is_dir():
-            files.append(str(path))
-            continue
-        found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
-        if not found:
-            raise FileNotFoundError(f"directory {path} holds no images ({', '.join(IMG_EXTENSIONS)})")
-        files += found
-    return files
-
-
-def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
-    """Run a model without ``patch_grid`` (a timm ViT teacher) at another input size: timm resamples its
-    position embedding; a size that does not fit the patch size is refused (timm would silently crop it)."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if not hasattr(model, "set_input_size") or patch is None:
-        raise ValueError(f"{type(model).__name__} runs only at the size it was trained at; omit --img-size")
-    patch_grid(*img_size, patch)
-    model.set_input_size(img_size=img_size)
-
-
-def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto",
-            img_size: tuple[int, int] | None = None, on_result=None) -> list[dict]:
-    """Top-k labels with probabilities for image files (a directory: the images below it), resized to
-    ``img_size`` (default: the size the model was trained at; Adventurer students run at any multiple of their
-    patch size, ViT teachers too, by resampling their position embedding).
-
-    Paths that do not exist fail before any work. An image that cannot be decoded gives
-    ``{"image", "error"}`` instead of ``{"image", "top"}`` and the others are still classified;
-    ``on_result(result)`` is called with each result as soon as it is computed."""
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
-    files = _image_files(images)
-    model, meta = load_exported_model(checkpoint, resolve_device(device))
-    _warn_if_untrained_head(checkpoint, meta)
-    img_size = tuple(meta["img_size"]) if img_size is None else tuple(img_size)
-    if hasattr(model, "patch_grid"):
-        model.patch_grid(*img_size)  # a size that does not fit the patch size fails here, naming the fix
-    elif img_size != tuple(meta["img_size"]):
-        _set_input_size(model, img_size)
-    data = _export_preprocessing(DataConfig(name="synthetic", img_size=img_size), meta, explicit={"img_size"})
-    transform = build_transform(data, train=False)
-    k = min(topk, meta["num_classes"])
-    results = []
-    for path in files:
-        try:
-            image = load_rgb(path)
-        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for a bad file
-            result = {"image": path, "error": f"cannot read the image ({type(exc).__name__}: {exc})"}
-        else:
-            x = transform(image).unsqueeze(0).to(next(model.parameters()).device)
-            with torch.no_grad():
-                probs = model(x).float().softmax(-1)[0]
-            top = probs.topk(k)
-            result = {"image": path, "top": [
-                {"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
-                for p, i in zip(top.values.tolist(), top.indices.tolist())
-            ]}
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    return results
