@@ -1,5 +1,7 @@
 """A run directory belongs to one run: starting over in it, or resuming it with other settings, is refused
 before anything in it changes."""
+import json
+
 import yaml
 
 from vitlinearizer.cli import main
@@ -48,8 +50,14 @@ def test_a_missing_evaluation_folder_fails_before_training(tmp_path, capsys):
     args = ["--data.name", "imagefolder", "--data.root", str(tmp_path / "data"), "--data.img_size", "28",
             "--output_dir", str(run), *TINY[8:]]
     assert main(["finetune", *args]) == 2
-    assert "no evaluation folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no evaluation folder" in err and "--train.final_test false" in err
     assert not (run / "checkpoints").exists()
+    # Without a final test, train/ alone is enough: the summary reports the holdout (2 of 8 images) and no test.
+    assert main(["finetune", *args, "--data.holdout_fraction", "0.25", "--train.batch_size", "2",
+                 "--train.final_test", "false"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert "test" not in summary and summary["last_eval"]["holdout_n"] == 2 and summary["complete"]
     # The same tree without --data.name imagefolder is read as the default Fashion-MNIST: named, with the fix.
     assert main(["finetune", *args[2:]]) == 2
     assert "looks like an ImageFolder tree (it has train/ or val/): pass --data.name imagefolder" in capsys.readouterr().err

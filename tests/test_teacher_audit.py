@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from vitlinearizer.checkpoint import export_model
-from vitlinearizer.teacher import Teacher, UnsafeCheckpointError, load_state_dict_safely
+from vitlinearizer.teacher import Teacher, UnsafeCheckpointError, load_state_dict_safely, pixels_per_token
 
 NAME = "vit_tiny_patch16_224"
 ARCH = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -179,3 +179,20 @@ def test_targets_are_timms_own_tokens_after_a_resolution_change(tmp_path, name, 
     for got, want in zip(out.stages, inter):
         torch.testing.assert_close(got, want.flatten(2).transpose(1, 2))
     assert (out.cls is None) == (npt == 0) and (out.cls is None or torch.equal(out.cls, features[:, 0]))
+
+
+def test_a_hybrid_vit_teacher_tiles_its_input_by_the_stem_stride_times_the_patch():
+    """vit_tiny_r_s16_p8: a ResNet stem of stride 4, then 8x8 patches, i.e. 32 px per token, while its
+    ``patch_embed.patch_size`` says 8: a 72 px input (a multiple of 8, not of 32) must be resized to 64 px first,
+    where taking the patch size alone let timm's reshape of the 2x2 (floor of 72/32) token grid fail."""
+    teacher = Teacher("vit_tiny_r_s16_p8_224", img_size=64, num_classes=0, depth=2)
+    assert pixels_per_token(teacher.model) == teacher.patch_size == (32, 32)
+    assert pixels_per_token(_vit()) == (8, 8)
+    teacher.set_input_normalization()
+    x = torch.rand(2, 3, 72, 72)
+    out = teacher.forward_features_aligned(x, [0, 1])
+    resized = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        features = teacher.model.forward_features(teacher.normalize_input(resized))
+    torch.testing.assert_close(out.last, features[:, 1:])
+    assert out.stages[0].shape == (2, 4, 192)

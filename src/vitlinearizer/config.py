@@ -133,6 +133,8 @@ HELP = {
     "train.keep_checkpoints": "checkpoints kept on disk",
     "train.drop_last": "drop the last incomplete batch of an epoch",
     "train.progress": "show a progress bar",
+    "train.final_test": "test the trained classifier on the data's test split at the end (false: a dataset without "
+                        "one, e.g. an ImageFolder with train/ alone, trains and reports its holdout only)",
     "student.model": "student architecture (timm name, e.g. adventurer_small_patch16_224)",
     "student.mixer": "token mixer: mamba2 | gla | hgrn",
     "student.drop_path_rate": "stochastic-depth rate",

@@ -100,6 +100,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # 0: keep all
     drop_last: bool = True
     progress: bool = True  # tqdm bar on rank 0
+    final_test: bool = True  # runner: test the exported classifier on the data's test split at the end
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML/JSON give lists
@@ -112,6 +113,8 @@ class TrainConfig:
                 raise ValueError(f"train.{field} must be {allowed}, got {getattr(self, field)!r}")
         for f in ("epochs", "batch_size", "accum_steps", "log_every", "max_bad_steps"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "an integer >= 1")
+        for f in ("save_checkpoints", "drop_last", "progress", "final_test"):
+            need(isinstance(getattr(self, f), bool), f, "true or false")
         for f in ("num_workers", "save_every_steps", "keep_checkpoints", "seed"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, "an integer >= 0")
         need(self.lr > 0, "lr", "> 0")

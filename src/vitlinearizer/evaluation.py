@@ -18,6 +18,7 @@ from .engine import evaluate_classifier
 from .images import IMG_EXTENSIONS, load_rgb
 from .models.adventurer import patch_grid
 from .runner import load_exported_model, resolve_device
+from .teacher import pixels_per_token
 
 __all__ = ["evaluate", "predict"]
 
@@ -158,7 +159,7 @@ def _image_files(images) -> list[str]:
 def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
     """Run a model without ``patch_grid`` (a timm ViT teacher) at another input size: timm resamples its
     position embedding; a size that does not fit the patch size is refused (timm would silently crop it)."""
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = pixels_per_token(model)
     if not hasattr(model, "set_input_size") or patch is None:
         raise ValueError(f"{type(model).__name__} runs only at the size it was trained at; omit --img-size")
     patch_grid(*img_size, patch)

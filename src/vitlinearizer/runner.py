@@ -25,13 +25,13 @@ from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
                          read_export_metadata, update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, StudentConfig, dump_yaml
-from .data import DataConfig, build_dataset, build_transform, check_data_source, dataset_info, read_skip_log
+from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, check_data_source, dataset_info, read_skip_log
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
 from .models.adventurer import checkpoint_filter_fn, patch_grid
 from .seeding import derive_seed, seed_all
-from .teacher import Teacher, load_state_dict_safely
+from .teacher import Teacher, load_state_dict_safely, pixels_per_token
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +157,16 @@ def _seed_initialisation(cfg: RunConfig) -> None:
 def _datasets(cfg: RunConfig, classifier: bool = True):
     """Dataset info, the training set and the holdout set. ``classifier``: the run trains with labels and ends
     with a test evaluation, whose data must then exist before training starts (not be found missing after it)."""
-    check_data_source(cfg.data, ("train", "test") if classifier else ("train",))
+    tested = classifier and cfg.train.final_test
+    try:
+        check_data_source(cfg.data, ("train", "test") if tested else ("train",))
+    except FileNotFoundError as exc:
+        root = Path(cfg.data.root or ".")
+        train_alone = (cfg.data.name == "imagefolder" and (root / "train").is_dir()
+                       and not any((root / d).is_dir() for d in EVAL_SPLIT_DIRS))
+        if tested and train_alone:
+            raise FileNotFoundError(f"{exc}; or train without a final test: --train.final_test false") from None
+        raise
     info = dataset_info(cfg.data)
     if classifier and info["num_classes"] < 2:
         # One class trains to loss 0 and 100% accuracy, whatever the images: a layout mistake, not a result.
@@ -211,7 +220,8 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     if train_ds.split_from is not None:
         meta["holdout_drawn_from"] = train_ds.split_from
     summary["exported"] = str(export_model(trained, run_dir / filename, meta))
-    return _finish(summary, run_dir, trained, cfg, train_ds, holdout, test_split=kind != "distilled-student")
+    return _finish(summary, run_dir, trained, cfg, train_ds, holdout,
+                   test_split=kind != "distilled-student" and cfg.train.final_test)
 
 
 # The warnings name at most 50 files; the summary keeps more, for a later look at what a run left out.
@@ -356,7 +366,7 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
         model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
                                   **cfg.teacher.model_kwargs)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = pixels_per_token(model)
     if patch is not None:  # timm's ViT crops what does not fill a patch, silently; the student refuses it
         try:
             patch_grid(*_img_size(cfg.data), tuple(patch))

@@ -26,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .checkpoint import read_export_metadata, update_pretrained_cfg
 from .models.adventurer import Adventurer
 
-__all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "TeacherOutput", "Teacher"]
+__all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "pixels_per_token", "TeacherOutput", "Teacher"]
 
 _CONTAINER_KEYS = ("state_dict", "model", "module")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -168,6 +168,20 @@ class TeacherOutput(NamedTuple):
     stages: list[torch.Tensor]
     last: torch.Tensor
     cls: Optional[torch.Tensor]
+
+
+def pixels_per_token(model: nn.Module) -> tuple[int, int] | None:
+    """Input pixels per token (height, width) of a patch-embedding model, None without a ``patch_embed``.
+
+    A plain ViT's patch size; for a hybrid ViT (a CNN stem, e.g. ``vit_small_r26_s32_224``) the stem's stride
+    times its own patch size, where ``patch_embed.patch_size`` alone says (1, 1).
+    """
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "patch_size", None) is None:
+        return None
+    if hasattr(embed, "feat_ratio"):
+        return tuple(int(r) for r in embed.feat_ratio(as_scalar=False))
+    return tuple(int(p) for p in embed.patch_size)
 
 
 def _create_vit(model_name: str, kwargs: dict) -> nn.Module:
@@ -368,7 +382,8 @@ class Teacher(nn.Module):
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return tuple(int(p) for p in self.model.patch_embed.patch_size)
+        """Input pixels per token: the patch size, or a hybrid ViT's stem stride times it."""
+        return pixels_per_token(self.model)
 
     @property
     def num_prefix_tokens(self) -> int:
