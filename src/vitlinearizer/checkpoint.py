@@ -42,7 +42,7 @@ __all__ = [
     "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
     "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
     "read_export_metadata", "pretrained_cfg_overlay", "update_pretrained_cfg", "write_text_atomic",
-    "save_training_checkpoint", "restore_training_state",
+    "check_output_dir", "save_training_checkpoint", "restore_training_state",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -167,6 +167,16 @@ def _replace_file(path: Path, data: bytes) -> None:
 def write_text_atomic(path: PathLike, text: str) -> None:
     """Atomically replace the text file ``path`` (tmp file, fsync, rename)."""
     _replace_file(Path(path), text.encode())
+
+
+def check_output_dir(path: PathLike, flag: str = "--output_dir") -> None:
+    """ValueError now if ``path`` is, or lies under, a file: a command would otherwise fail only at its first
+    write, after the data and models were built (or, for a benchmark, after the measurements)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{flag.lstrip('-')} {path}: {p} is a file, not a directory; pass another {flag}")
+            return
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:

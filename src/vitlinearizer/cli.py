@@ -10,12 +10,11 @@ import difflib
 import json
 import sys
 import typing
-from pathlib import Path
 
 import yaml
 
 from . import config as C
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_output_dir
 from .engine import TrainingDivergedError
 
 TRAINING_COMMANDS = {
@@ -186,16 +185,6 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML in {where}: {problem}; check the quotes, brackets and the space after each colon"
 
 
-def _check_output_dir(path: str) -> None:
-    # Without this, a path that is (or lies under) a file fails only at the first write, after the data and the
-    # models were built.
-    for p in (Path(path), *Path(path).parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"output_dir {path}: {p} is a file, not a directory; pass another --output_dir")
-            return
-
-
 def _explicit_data_keys(args: argparse.Namespace, base: dict) -> set[str]:
     """data.* fields the user set (``base``: the YAML's values, or a flag): eval keeps these instead of the
     export's own."""
@@ -212,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(C.dump_yaml(cfg))
             return 0
         runner.resolve_device(cfg.device)  # an unknown device fails now, not after the data and models are built
-        _check_output_dir(cfg.output_dir.rstrip("/") + "-dry-run" if args.dry_run else cfg.output_dir)
+        check_output_dir(cfg.output_dir.rstrip("/") + "-dry-run" if args.dry_run else cfg.output_dir)
         if args.dry_run:
             import warnings
             warnings.filterwarnings("ignore", message="teacher.weights is not set")

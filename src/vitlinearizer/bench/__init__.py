@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint import check_output_dir
 from ..data import parse_size
 from .models import (PAIRS, build_model, count_flops, model_flops, model_label, model_spec, token_count,
                      token_patch)
@@ -173,7 +174,7 @@ class BenchOptions:
             tag=getattr(args, "tag", None),
             command=sys.argv[:],
         )
-        check_output_dir(opts.output_dir)
+        check_output_dir(opts.output_dir, "--output-dir")
         return opts
 
 
@@ -199,21 +200,11 @@ def check_tag(tag: str) -> None:
                          "with --output-dir")
 
 
-def check_output_dir(path) -> None:
-    """Benchmarks write their outputs only after the whole run: a path that is, or lies under, a file must
-    fail now and not after the measurements (ValueError)."""
-    for p in (Path(path), *Path(path).parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"--output-dir {path}: {p} is a file, not a directory; pass another --output-dir")
-            return
-
-
 def check_script_target(parser: argparse.ArgumentParser, output_dir: Path, device: str) -> None:
     """The benchmark scripts' checks before measuring: an output directory that can be written at the end and
     a device that exists (a parser error, exit 2, otherwise)."""
     try:
-        check_output_dir(output_dir)
+        check_output_dir(output_dir, "--output-dir")
     except ValueError as exc:
         parser.error(str(exc))
     if device.startswith("cuda"):
