@@ -135,7 +135,8 @@ def test_class_token_target_needs_a_teacher_class_token():
     (dict(mask_ratio=1.0), r"mask_ratio must be in \(0, 1\)"),
     (dict(mask_ratio=0.0), r"mask_ratio must be in \(0, 1\)"),
     (dict(objective="kd"), "objective must be one of both, act, mask, none"),
-    (dict(num_stages=3), "cannot be split into num_stages=3"),
+    (dict(num_stages=3), r"distill.num_stages=3 must divide both the student depth 4 and the teacher depth 4; "
+                         r"use one of \[1, 2, 4\]"),
     (dict(mask_type="grid"), "mask_type must be one of random, block"),
 ])
 def test_bad_config_fails_before_training(bad, match):

@@ -55,11 +55,18 @@ class DistillConfig:
             raise ValueError(f"distill.mask_type must be one of {', '.join(MASK_TYPES)}, got {self.mask_type!r}")
         if self.act_tokens not in ACT_TOKENS:
             raise ValueError(f"distill.act_tokens must be one of {', '.join(ACT_TOKENS)}, got {self.act_tokens!r}")
-        if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
+        if self.num_stages is not None and (not _is_int(self.num_stages) or self.num_stages < 1):
             raise ValueError(f"distill.num_stages must be a positive int, got {self.num_stages!r}")
+        for name in ("row_block_size", "num_anchors"):
+            if not _is_int(getattr(self, name)):
+                raise ValueError(f"distill.{name} must be an int (0: off), got {getattr(self, name)!r}")
         for name in ("act_weight", "mask_weight", "cls_weight", "row_block_size", "num_anchors", "smooth_l1_beta"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # also rejects NaN, which would poison every step
                 raise ValueError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 PAPER_NUM_STAGES = 4
@@ -82,21 +89,25 @@ def stage_taps(depth: int, num_stages: int, who: str = "model") -> list[int]:
     return [per_stage * (s + 1) - 1 for s in range(num_stages)]
 
 
+def num_masked_tokens(num_tokens: int, ratio: float) -> int:
+    """round(ratio * N) kept within [1, N - 1]: masked prediction needs a target, activation matching a row."""
+    return min(num_tokens - 1, max(1, round(ratio * num_tokens)))
+
+
 def random_mask(batch: int, num_tokens: int, ratio: float, generator=None, device=None) -> torch.Tensor:
-    """(B, N) bool, round(ratio * N) tokens masked per image, uniformly at random; at least one token is masked
-    (masked prediction needs a target) and one visible (activation matching needs a row)."""
-    num_masked = min(num_tokens - 1, max(1, round(ratio * num_tokens)))
+    """(B, N) bool, :func:`num_masked_tokens` tokens masked per image, uniformly at random."""
+    num_masked = num_masked_tokens(num_tokens, ratio)
     noise = torch.rand(batch, num_tokens, generator=generator, device=device)
     ranks = noise.argsort(dim=1).argsort(dim=1)
     return ranks < num_masked
 
 
 def block_mask(batch: int, grid: tuple[int, int], ratio: float, generator=None, device=None) -> torch.Tensor:
-    """(B, N) bool from random rectangles (aspect 0.3-3.3, as BEiT), topped up/trimmed to round(ratio*N) masked
-    tokens, kept within [1, N - 1] as in :func:`random_mask`."""
+    """(B, N) bool from random rectangles (aspect 0.3-3.3, as BEiT), topped up/trimmed to
+    :func:`num_masked_tokens` masked tokens."""
     gh, gw = grid
     n = gh * gw
-    num_masked = min(n - 1, max(1, round(ratio * n)))
+    num_masked = num_masked_tokens(n, ratio)
     masks = torch.zeros(batch, gh, gw, dtype=torch.bool)
     for b in range(batch):
         m = masks[b]
@@ -144,7 +155,13 @@ class DistillationTask(TrainingTask):
         self.teacher = teacher
         depth = len(student.blocks)
         self.num_stages = cfg.num_stages or default_num_stages(depth, teacher.depth)
-        self.student_taps = stage_taps(depth, self.num_stages, "student")
+        if cfg.objective != "none" and (depth % self.num_stages or teacher.depth % self.num_stages):
+            # Checked for both models at once: naming only the one that fails sends the user to a K that the
+            # other then rejects.
+            common = [k for k in range(1, min(depth, teacher.depth) + 1) if depth % k == 0 and teacher.depth % k == 0]
+            raise ValueError(f"distill.num_stages={self.num_stages} must divide both the student depth {depth} and "
+                             f"the teacher depth {teacher.depth}; use one of {common} (or null for the default)")
+        self.student_taps = stage_taps(depth, self.num_stages, "student") if cfg.objective != "none" else []
         self.teacher_taps = teacher.stage_indices(self.num_stages) if cfg.objective != "none" else []
         if cfg.objective != "none" and getattr(student, "mask_token", None) is None:
             raise ValueError("the student needs a mask token for distillation; create it with use_mask_token=True")
@@ -181,6 +198,20 @@ class DistillationTask(TrainingTask):
     def no_weight_decay(self) -> set[str]:
         return {f"student.{name}" for name in self.student.no_weight_decay()}
 
+    def _check_grid(self, grid: tuple[int, int], image_size: tuple[int, int]) -> None:
+        """Fails where a loss would be identically zero: training would silently learn nothing from it."""
+        n = grid[0] * grid[1]
+        where = f"{image_size[0]}x{image_size[1]} images give a {grid[0]}x{grid[1]} patch grid"
+        if n < 2:
+            raise ValueError(f"{where}; distillation needs at least 2 patch tokens (one masked, one visible): "
+                             "use larger images or a student with a smaller patch size")
+        if self.cfg.objective in ("both", "act") and self.cfg.act_tokens == "visible":
+            visible = n - num_masked_tokens(n, self.cfg.mask_ratio)
+            if visible < 2:  # a 1x1 similarity map always matches
+                raise ValueError(f"{where}, where distill.mask_ratio={self.cfg.mask_ratio} leaves {visible} visible "
+                                 f"token of {n}; activation matching needs at least 2: lower distill.mask_ratio "
+                                 "(or use larger images)")
+
     def sample_mask(self, batch: int, grid: tuple[int, int], device) -> torch.Tensor:
         if self.cfg.mask_type == "block":
             return block_mask(batch, grid, self.cfg.mask_ratio, device=device)
@@ -193,6 +224,7 @@ class DistillationTask(TrainingTask):
             return {"loss": loss, "output": logits, "ce": loss.detach()}
 
         grid = self.student.patch_grid(images.shape[-2], images.shape[-1])
+        self._check_grid(grid, tuple(images.shape[-2:]))
         mask = self.sample_mask(images.shape[0], grid, images.device)
         with torch.no_grad():
             target = self.teacher.forward_features_aligned(images, self.teacher_taps, out_grid=grid)
