@@ -14,6 +14,7 @@ Differences from the released code:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,11 @@ from timm.layers import PatchEmbed, RmsNorm, resample_abs_pos_embed, trunc_norma
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+
+try:  # newer timm records a model's current input size, read by its data config and exports
+    from timm.models._input import update_model_input_size
+except ImportError:  # older timm has no such record to keep up to date
+    update_model_input_size = None
 
 from .adventurer_block import AdventurerBlock, _forward_hooked, _plain_rms_norm, _rms_scale
 from .mixers import MIXERS
@@ -67,33 +73,41 @@ class Adventurer(nn.Module):
         if kwargs.pop("dynamic_img_size", True) is False:
             raise ValueError("Adventurer always accepts any resolution that is a multiple of the patch size")
         kwargs.pop("pretrained_cfg", None)
+        # timm's factory arguments (create_model(..., device="meta", dtype=torch.bfloat16)), as its ViT takes them.
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
         if kwargs:
             raise TypeError(f"Adventurer got unexpected arguments: {', '.join(sorted(kwargs))}")
         if mixer not in MIXERS:
             raise ValueError(f"unknown mixer {mixer!r}; choose one of {', '.join(MIXERS)}")
         self.num_classes, self.global_pool = num_classes, _check_global_pool(global_pool)
+        self.in_chans = in_chans  # timm's data config reads the channel count from here (else it assumes 3)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1  # the class token (stored last; timm's name kept for tooling)
         self.mixer_name = mixer
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
-        self.patch_grid(*self.patch_embed.img_size)  # the native resolution must fit the patch too
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
-        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[
-            AdventurerBlock(embed_dim, mixer, mixer_kwargs, mlp_ratio, rates[i], flip=i % 2 == 1, norm_eps=norm_eps)
-            for i in range(depth)
-        ])
-        # timm reports one reduction per feature map; a non-square patch reports its larger side, as timm's ViT does.
-        reduction = max(timm_pair(patch_size))
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-        self.norm = RmsNorm(embed_dim, eps=norm_eps)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+            self.patch_grid(*self.patch_embed.img_size)  # the native resolution must fit the patch too
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
+            rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+            self.blocks = nn.Sequential(*[
+                AdventurerBlock(embed_dim, mixer, mixer_kwargs, mlp_ratio, rates[i], flip=i % 2 == 1, norm_eps=norm_eps)
+                for i in range(depth)
+            ])
+            # timm reports one reduction per feature map; a non-square patch reports its larger side, as timm's ViT
+            # does.
+            reduction = max(timm_pair(patch_size))
+            self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
+                                 for i in range(depth)]
+            self.norm = RmsNorm(embed_dim, eps=norm_eps)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+            self.init_weights()
+        if dtype is not None:
+            self.to(dtype=dtype)
 
     def init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
@@ -142,7 +156,11 @@ class Adventurer(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = _check_global_pool(global_pool)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # On the model's device and dtype, in its train/eval mode, as timm's ViT makes it.
+        like = self.patch_embed.proj.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size=None) -> None:
         """Change the native resolution: the position embedding is resampled once and stored at the new grid."""
@@ -155,7 +173,10 @@ class Adventurer(nn.Module):
         new_grid = self.patch_embed.grid_size
         if new_grid != old_grid:
             patches = resample_abs_pos_embed(self.pos_embed[:, :-1], list(new_grid), list(old_grid), num_prefix_tokens=0)
-            self.pos_embed = nn.Parameter(torch.cat([patches, self.pos_embed[:, -1:]], dim=1).detach())
+            self.pos_embed = nn.Parameter(torch.cat([patches, self.pos_embed[:, -1:]], dim=1).detach(),
+                                          requires_grad=self.pos_embed.requires_grad)  # a frozen one stays frozen
+        if update_model_input_size is not None:
+            update_model_input_size(self, self.patch_embed.img_size)
 
     # ----------------------------------------------------------------------------------------- forward
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -320,12 +341,28 @@ def timm_pair(value) -> tuple[int, int]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def _source_grid(model: nn.Module, positions: int, recorded_only: bool) -> tuple[int, int] | None:
+    """The checkpoint's patch grid from what timm knows of its source: the ``img_size`` a timm export records
+    (``save_for_hf``'s config.json, read back by ``local-dir:`` / ``hf-hub:`` into ``model.pretrained_model_args``)
+    or, unless ``recorded_only``, ``pretrained_cfg['input_size']`` (settable with ``pretrained_cfg_overlay``).
+    None when that size does not account for every position (it then describes some other checkpoint)."""
+    size = (getattr(model, "pretrained_model_args", None) or {}).get("img_size")
+    if size is None and not recorded_only:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None, None, None))[1:]
+    if size is None or None in timm_pair(size):
+        return None
+    ph, pw = model.patch_embed.patch_size
+    height, width = timm_pair(size)
+    grid = (height // ph, width // pw)
+    return grid if grid[0] * grid[1] == positions else None
+
+
 def checkpoint_filter_fn(state_dict: dict, model: Adventurer, grid: tuple[int, int] | None = None) -> dict:
     """Map a saved state dict onto ``model``: unwrap containers, resample the position embedding (a mask token
     the model does not have is dropped by :meth:`Adventurer._load_from_state_dict`).
 
-    ``grid``: the checkpoint's patch grid (rows, columns); needed only when it is not square, as a state dict
-    alone cannot tell 6x8 from 8x6 (an export of this library records it in its metadata).
+    ``grid``: the checkpoint's patch grid (rows, columns). A state dict alone cannot tell 6x8 from 8x6: without
+    ``grid`` the size timm recorded for the checkpoint is used (see :func:`_source_grid`), else a square grid.
     """
     for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
@@ -334,15 +371,25 @@ def checkpoint_filter_fn(state_dict: dict, model: Adventurer, grid: tuple[int, i
     out = {}
     for k, v in state_dict.items():
         k = k.removeprefix("module.").removeprefix("student.")
-        if k == "pos_embed" and v.shape != model.pos_embed.shape:
+        if k == "pos_embed":
             n = v.shape[1] - 1
-            old = tuple(grid) if grid is not None else (int(math.isqrt(n)),) * 2
-            if old[0] * old[1] != n:
-                raise ValueError(
-                    f"cannot infer the grid of a non-square pos_embed with {n} patch positions; create the model at "
-                    "the checkpoint's own img_size, load it, then call model.set_input_size(img_size=...)")
-            patches = resample_abs_pos_embed(v[:, :-1], list(model.patch_embed.grid_size), list(old), num_prefix_tokens=0)
-            v = torch.cat([patches, v[:, -1:]], dim=1)
+            same_shape = v.shape == model.pos_embed.shape
+            # An equal token count can still be another grid (6x8 into 8x6); only a recorded size says so.
+            old = tuple(grid) if grid is not None else _source_grid(model, n, recorded_only=same_shape)
+            if old is None and not same_shape:
+                old = (math.isqrt(n),) * 2
+                if old[0] * old[1] != n:
+                    raise ValueError(
+                        f"cannot infer the grid of a non-square pos_embed with {n} patch positions; create the model "
+                        "at the checkpoint's own img_size, load it, then call model.set_input_size(img_size=...), "
+                        "or state the checkpoint's size with pretrained_cfg_overlay=dict(input_size=(C, H, W))")
+            if old is not None and (not same_shape or old != tuple(model.patch_embed.grid_size)):
+                if old[0] * old[1] != n:
+                    raise ValueError(f"the checkpoint's grid {old[0]}x{old[1]} does not match its pos_embed "
+                                     f"of {n} patch positions")
+                patches = resample_abs_pos_embed(v[:, :-1], list(model.patch_embed.grid_size), list(old),
+                                                 num_prefix_tokens=0)
+                v = torch.cat([patches, v[:, -1:]], dim=1)
         out[k] = v
     return out
 
