@@ -121,7 +121,17 @@ def module_state_for_checkpoint(module: nn.Module, frozen_prefixes: Iterable[str
 
 def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> bytes:
     # "format: pt" is what timm/transformers loaders look for in the metadata.
-    return safetensors.torch.save(dict(tensors), metadata={"format": "pt", **(metadata or {})})
+    data = safetensors.torch.save(dict(tensors), metadata={"format": "pt", **(metadata or {})})
+    # safetensors writes its metadata from a Rust HashMap, in an order that changes from call to call: with more
+    # than one entry, the same weights would give other bytes in each run (and an exact resume a different file).
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if len(header.get("__metadata__") or {}) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the tensor bytes that follow stay 8-byte aligned, as safetensors writes them
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -184,8 +194,18 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     _replace_file(Path(path), data)
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def _prune(root: Path, keep: int, written: Path) -> None:
+    ckpts = list_checkpoints(root)
+    # Checkpoints ahead of the one just written belong to an abandoned continuation of the run: a resume went back
+    # past them because they failed to load. Kept, they would count among the `keep` newest and prune away the
+    # valid ones, the one just written included.
+    stale = [p for p in ckpts if _step_of(p) > _step_of(written)]
+    current = [p for p in ckpts if _step_of(p) <= _step_of(written)]
+    for old in stale + (current[:-keep] if keep > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
     # Leftovers of crashed writes only waste space; nothing ever reads them.
     for p in root.iterdir():
@@ -206,7 +226,8 @@ def save_checkpoint(root: PathLike, step: int, model_state: Mapping[str, torch.T
         model_state: Tensors for ``model.safetensors`` (see :func:`module_state_for_checkpoint`).
         state: Picklable dict for ``state.pt``; must only hold types ``weights_only`` accepts.
         ema_state: Tensors for ``ema.safetensors``, or None.
-        keep: How many newest checkpoints to keep (0 keeps all).
+        keep: How many newest checkpoints to keep (0 keeps all); checkpoints of a later step than ``step`` (left
+            by an abandoned continuation of the run, see :func:`load_latest_checkpoint`) are removed.
 
     Returns:
         The final checkpoint directory.
@@ -240,10 +261,10 @@ def save_checkpoint(root: PathLike, step: int, model_state: Mapping[str, torch.T
         else:
             os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except BaseException as e:  # also an interrupt (a second Ctrl-C): no partial copy of the model stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            previous = [p for p in list_checkpoints(root) if p != final]
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            previous = [p for p in list_checkpoints(root) if _step_of(p) < step]
             intact = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             raise CheckpointNoSpaceError(
                 errno.ENOSPC, f"no space left on device while writing checkpoint to {final}; {intact}") from e
@@ -253,7 +274,7 @@ def save_checkpoint(root: PathLike, step: int, model_state: Mapping[str, torch.T
     except OSError as e:
         # The checkpoint itself is complete and the loader does not need `latest`.
         warnings.warn(f"checkpoint {final} written but could not update {root / LATEST_FILE}: {e}")
-    _prune(root, keep)
+    _prune(root, keep, final)
     return final
 
 

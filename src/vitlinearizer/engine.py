@@ -449,6 +449,14 @@ class Trainer:
                       world_size=self.world_size, **{k: getattr(cfg, k) for k in _SCHEDULE_FIELDS})
         if "dataset_len" in ckpt.state:  # not recorded by checkpoints of earlier versions
             expect["dataset_len"] = len(self.dataset)
+        # These change what every later step computes, or (the EMA's decay, or EMA turned off) which weights are
+        # exported. Turning EMA on is allowed: it starts afresh, with a warning below.
+        saved = ckpt.state.get("config", {})
+        expect["amp"] = cfg.amp
+        if (saved.get("clip_grad") or 0) != (cfg.clip_grad or 0):  # None and 0 both mean off
+            expect["clip_grad"] = cfg.clip_grad
+        if ckpt.ema is not None:
+            expect["ema_decay"] = cfg.ema_decay
         st = restore_training_state(ckpt, self.task, self.optimizer, self.scheduler, ema, self.frozen, expect)
         if ema is not None and ckpt.ema is None:
             warnings.warn(f"{ckpt.path} has no EMA weights; the EMA restarts from the restored student")
