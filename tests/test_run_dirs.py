@@ -27,15 +27,29 @@ def test_a_run_directory_is_not_started_over_or_resumed_differently(tmp_path, ca
     # Refused by the Trainer, before the resume looks at the checkpoints.
     assert main(["finetune", *TINY, "--output_dir", str(run), "--train.batch_size", "64", "--resume"]) == 2
     assert "too small for one step" in capsys.readouterr().err
-    # Another student width: torch lists the tensors whose shapes differ over many lines.
+    # Settings the Trainer never sees (data, augmentation, the task's loss, the models) are checked against the
+    # run's config.yaml: taken silently, they would be recorded as if the whole run had used them.
+    changed = ["--data.augment", "none", "--finetune.label_smoothing", "0.3"]
+    assert main(["finetune", *TINY, *changed, "--output_dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "data.augment 'simple' -> 'none', finetune.label_smoothing 0.1 -> 0.3" in err and len(err.splitlines()) == 1
     wider = TINY[:-1] + ["{depth: 2, embed_dim: 48, mixer_kwargs: {d_state: 8, head_dim: 16}}"]
     assert main(["finetune", *wider, "--output_dir", str(run), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "does not fit the task: " in err and "size mismatch" in err and len(err.splitlines()) == 1
+    assert "student.model_kwargs.embed_dim 32 -> 48" in capsys.readouterr().err
     # The refusals left the directory describing the run its checkpoints belong to.
     assert (run / "config.yaml").read_text() == config
     assert yaml.safe_load(config)["train"]["batch_size"] == 8
     assert (run / "metrics.jsonl").read_text() == metrics
+    # How the run is carried out may change (here logging and the final test).
+    assert main(["finetune", *TINY, "--train.log_every", "7", "--train.final_test", "false", "--output_dir", str(run),
+                 "--resume"]) == 0
+    capsys.readouterr()
+    # Without a config.yaml to compare with, the checkpoint itself refuses other shapes, in one line where torch
+    # would list the tensors whose shapes differ over many.
+    (run / "config.yaml").unlink()
+    assert main(["finetune", *wider, "--output_dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the task: " in err and "size mismatch" in err and len(err.splitlines()) == 1
 
 
 def test_a_missing_evaluation_folder_fails_before_training(tmp_path, capsys):
@@ -71,10 +85,15 @@ def test_the_supervised_row_of_the_ablation_exports_a_tested_classifier(tmp_path
     assert main(["distill", *TINY, *teacher, "--distill.objective", "none", "--output_dir", str(run)]) == 0
     assert "test" in capsys.readouterr().out  # objective none trains the head: it is tested, as finetune is
     assert read_export_metadata(run / "student.safetensors")["kind"] == "student"
-    # Resumed as an activation-matching distillation, the same tensors exist but others train (the mask token, not
-    # the head and final norm): refused in one line, not with torch's error.
+    # Resumed as an activation-matching distillation: refused, naming the setting, by the config check...
     config = (run / "config.yaml").read_text()
-    assert main(["distill", *TINY, *teacher, "--distill.objective", "act", "--output_dir", str(run), "--resume"]) == 2
+    act = ["distill", *TINY, *teacher, "--distill.objective", "act", "--output_dir", str(run), "--resume"]
+    assert main(act) == 2
+    assert "distill.objective 'none' -> 'act'" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == config
+    # ... and, without a config.yaml, by the checkpoint: the same tensors exist but others train (the mask token,
+    # not the head and final norm), refused in one line, not with torch's error.
+    (run / "config.yaml").unlink()
+    assert main(act) == 2
     err = capsys.readouterr().err
     assert "the set of trained parameters or their optimizer groups changed" in err and len(err.splitlines()) == 1
-    assert (run / "config.yaml").read_text() == config

@@ -247,11 +247,8 @@ def _check_same_config(name: str, stage_dir: Path, values: dict) -> None:
     saved_path = stage_dir / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()))
-    wanted = _flatten(yaml.safe_load(dump_yaml(build_config(values))))
-    defaults = _flatten(yaml.safe_load(dump_yaml(build_config({}))))
-    changed = sorted(key for key in set(saved) | set(wanted)
-                     if saved.get(key, defaults.get(key)) != wanted.get(key))
+    changed = runner.config_changes(yaml.safe_load(saved_path.read_text()), yaml.safe_load(dump_yaml(build_config(values))),
+                                    yaml.safe_load(dump_yaml(build_config({}))))
     if changed:
         raise DemoConfigMismatch(
             f"stage {name!r} in {stage_dir} was run with a different configuration (changed: {', '.join(changed)}). "
@@ -269,16 +266,6 @@ def _check_same_architecture(name: str, exported: Path) -> None:
         raise DemoConfigMismatch(
             f"stage {name!r}: {exported} was trained by a version of the library that built this model differently "
             f"({shown}). Run with --fresh to start over, or give another --output-dir.")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 class DemoConfigMismatch(RuntimeError):

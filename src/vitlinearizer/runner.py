@@ -20,6 +20,7 @@ import safetensors
 import timm
 import torch
 import torch.nn as nn
+import yaml
 
 from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
@@ -183,6 +184,50 @@ def _write_config(cfg: RunConfig, run_dir: Path) -> None:
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
 
 
+# Settings a resumed run may change: they decide how the run is carried out (logging, data-loader workers,
+# checkpoint cadence, the final test, where it runs), not what its steps compute.
+RESUME_MAY_CHANGE = frozenset({
+    "output_dir", "device", "data.verify", "train.log_every", "train.progress", "train.num_workers",
+    "train.save_every_steps", "train.keep_checkpoints", "train.max_bad_steps", "train.final_test",
+})
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (model_kwargs too, key by key)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_changes(saved: dict, wanted: dict, defaults: dict) -> list[str]:
+    """Flattened keys whose value differs between a run's saved config and the wanted one. A key the saved
+    config lacks (an option added to the library after the run started) counts as unchanged while the wanted
+    value is its default: adding options does not invalidate earlier runs."""
+    saved, wanted, defaults = (flatten_config(c) for c in (saved, wanted, defaults))
+    return sorted(key for key in set(saved) | set(wanted) if saved.get(key, defaults.get(key)) != wanted.get(key))
+
+
+def _check_resume_config(previous_config: str, cfg: RunConfig, run_dir: Path) -> None:
+    """A resumed run continues with the settings it started with: the Trainer checks its own schedule, this the
+    rest (data, augmentation, the objective, the models), whose change would otherwise be taken silently and
+    recorded as if the whole run had used it."""
+    saved = yaml.safe_load(previous_config) or {}
+    wanted = yaml.safe_load(dump_yaml(cfg))
+    changed = [key for key in config_changes(saved, wanted, yaml.safe_load(dump_yaml(RunConfig())))
+               if key not in RESUME_MAY_CHANGE]
+    if changed:
+        old, new = flatten_config(saved), flatten_config(wanted)
+        shown = ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise CheckpointError(f"--resume continues {run_dir} only with the settings it was started with (its "
+                              f"config.yaml); changed: {shown}{more}. Resume without these changes, or start a new "
+                              "run with another --output_dir")
+
+
 def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, holdout, resume: bool, kind: str,
                       model_name: str, model_kwargs: dict, filename: str) -> dict:
     """Train ``task``, export its student (the EMA copy when EMA is on) with metadata, test it, write the summary."""
@@ -196,6 +241,8 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
         if ds is not None:
             ds.skip_log = _skip_log(run_dir, split)
     trainer = Trainer(task, train_ds, cfg.train, run_dir, eval_fn=eval_fn, device=resolve_device(cfg.device))
+    if resume and previous_config is not None and list_checkpoints(trainer.ckpt_dir):
+        _check_resume_config(previous_config, cfg, run_dir)
     # Written once the Trainer accepted the settings (a batch larger than the data set fails in it), so that a
     # refused run leaves the directory describing the run its checkpoints belong to.
     if trainer.rank == 0:
