@@ -25,6 +25,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import vitlinearizer  # noqa: E402,F401
+from vitlinearizer.bench import check_script_target, non_negative_int, positive_int  # noqa: E402
 from vitlinearizer.bench.timing import alternating_times, summarize  # noqa: E402
 from vitlinearizer.models.mixers import causal_depthwise_conv  # noqa: E402
 
@@ -73,20 +74,25 @@ def patch_embed(repeats: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--slabs", nargs="+", type=int, default=[0, 1024, 2048, 4096])
+    parser.add_argument("--threads", type=non_negative_int, default=2, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--slabs", nargs="+", type=non_negative_int, default=[0, 1024, 2048, 4096],
+                        help="stream_slab_tokens values to time (0: the parallel form)")
     parser.add_argument("--large", action="store_true", help="also 2048² (minutes)")
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    results = dict(meta=dict(threads=args.threads, torch=torch.__version__, created=time.strftime("%Y-%m-%d %H:%M:%S")))
+    out = Path(args.output_dir)
+    # Minutes of measuring come before the only write.
+    check_script_target(parser, out, "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = dict(meta=dict(threads=torch.get_num_threads(), torch=torch.__version__, created=time.strftime("%Y-%m-%d %H:%M:%S")))
     results["conv"] = conv(args.repeats * 3)
     results["patch_embed"] = patch_embed(args.repeats * 2)
     results["slabs_1024"] = slabs(1024, args.repeats, args.slabs)
     if args.large:
         results["slabs_2048"] = slabs(2048, max(2, args.repeats // 3), args.slabs)
-    lines = [f"CPU, {args.threads} threads, torch {torch.__version__}; min (median) ms over alternating repetitions.", ""]
+    lines = [f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; min (median) ms over alternating repetitions.", ""]
     for key, res in results.items():
         if key == "meta":
             continue
@@ -95,7 +101,6 @@ def main(argv=None) -> int:
             lines.append(f"**{key}{' L=' + sub if sub else ''}**: " + "; ".join(
                 f"{name} {v['min_ms']:.1f} ({v['median_ms']:.1f})" for name, v in r.items()))
             lines.append("")
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "block_parts_cpu.json").write_text(json.dumps(results, indent=1))
     (out / "block_parts_cpu.md").write_text("\n".join(lines))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
-from vitlinearizer.bench import check_script_target, positive_int  # noqa: E402
+from vitlinearizer.bench import check_script_target, non_negative_int, positive_int  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"full": {}, "rowblock": dict(row_block_size=512), "anchors": dict(num_anchors=256)}
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--visible", type=fraction, default=0.25, help="share of visible tokens, in (0, 1]")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=non_negative_int, default=2, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--time-budget", type=float, default=120.0, help="skip rows estimated to take longer (s)")
     parser.add_argument("--max-gb", type=float, default=6.0, help="skip rows estimated to need more memory")
     parser.add_argument("--quick", action="store_true", help="smoke test: sides 64 and 128, 1 repetition")

@@ -6,8 +6,9 @@ Adventurer-S built 384 wide against ViT-S), at each input size and dtype, it mea
 - latency at batch 1: both models in ONE fresh process (``bench.worker``), repetitions alternating
   student/teacher (so both see the same background load), reported as min and median;
 - throughput at ``--batch`` images per forward, the same way (skipped where the time budget does not allow);
-- peak memory of one batch-1 forward: on CPU the RSS high-water mark (``resource.getrusage``) of a FRESH
-  subprocess per model and configuration, minus the RSS just before the forward (``act_mb``); on CUDA
+- peak memory of one batch-1 forward: on CPU the RSS high-water mark of a FRESH subprocess per model and
+  configuration (VmHWM, reset just before the forward; ``resource.getrusage`` where it cannot be reset),
+  minus the RSS just before the forward (``act_mb``); on CUDA
   ``torch.cuda.max_memory_allocated`` minus the allocation before the forward;
 - FLOPs with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (shapes only, no compute):
   matmul-type ops (mm, addmm, bmm, baddbmm, convolution, and scaled-dot-product attention, which on the meta
@@ -103,8 +104,15 @@ def run_bench_from_args(args: argparse.Namespace) -> int:
             print(line)
         return 0
     results = run_bench(opts)
-    paths = write_outputs(results, Path(opts.output_dir), opts.tag)
     print(markdown_table(results))
+    try:
+        paths = write_outputs(results, Path(opts.output_dir), opts.tag)
+    except OSError as exc:
+        # The directory was writable at the start; the measurements (up to an hour) must not go with it.
+        rescue = rescue_results(results)
+        print(f"vitlinearizer bench: could not write to --output-dir {opts.output_dir}: {exc}; the results are in "
+              f"{rescue}", file=sys.stderr)
+        return 1
     print("\nwrote " + ", ".join(str(p) for p in paths))
     if results["meta"].get("interrupted_at"):
         print(f"interrupted at {results['meta']['interrupted_at']}: the files hold the rows measured before it",
@@ -175,6 +183,7 @@ class BenchOptions:
             command=sys.argv[:],
         )
         check_output_dir(opts.output_dir, "--output-dir")
+        check_writable(opts.output_dir, "--output-dir")
         return opts
 
 
@@ -200,11 +209,38 @@ def check_tag(tag: str) -> None:
                          "with --output-dir")
 
 
+def check_writable(path, flag: str = "--output-dir") -> None:
+    """ValueError now if no file can be created in ``path`` (or, when it does not exist yet, in the directory it
+    would be created in): the outputs are written only after the measurements. A real file is tried, since
+    permission bits do not tell for root or a read-only mount."""
+    import tempfile
+
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag.lstrip('-')} {path}: cannot write in {existing} ({exc.strerror or exc}); pass "
+                         f"another {flag}") from None
+
+
+def rescue_results(results: dict) -> Path:
+    """The run's JSON in the temporary directory, for when --output-dir failed at the end."""
+    import json
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="vitlinearizer_bench_", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    return Path(name)
+
+
 def check_script_target(parser: argparse.ArgumentParser, output_dir: Path, device: str) -> None:
     """The benchmark scripts' checks before measuring: an output directory that can be written at the end and
     a device that exists (a parser error, exit 2, otherwise)."""
     try:
         check_output_dir(output_dir, "--output-dir")
+        check_writable(output_dir, "--output-dir")
     except ValueError as exc:
         parser.error(str(exc))
     if device.startswith("cuda"):
@@ -361,7 +397,9 @@ def _measure_config(opts: BenchOptions, pair: str, size: tuple[int, int], dtype:
 
     # Latency (and throughput) in one process, repetitions alternating between the models.
     left = budget - (time.time() - spent) - startup
-    warmup = opts.warmup if per_forward < 20 else 0  # a forward this long amortises its own warm-up
+    # A forward this long amortises its own warm-up: per model, as documented, not the pair's sum (a 5 s student
+    # next to a 16 s teacher would lose both warm-ups).
+    warmup = opts.warmup if max(models[r]["est_s"] for r in active) < 20 else 0
     repeats = max(0, min(opts.repeats, int(left // max(per_forward, 1e-9)) - warmup))
     if repeats < 1 and any(models[r].get("cold_s") is None for r in active):
         # No probe forward to fall back on (--no-memory, or the probe failed): one cold repetition, the
@@ -486,7 +524,7 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
     return results
 
 
-FLOPS_NOTE = ("FlopCounterMode on the meta device, batch 1: mm/addmm/bmm/baddbmm/convolution and attention "
+FLOPS_NOTE = ("FlopCounterMode on the meta device, batch 1: mm/addmm/bmm/baddbmm (also in place)/convolution and attention "
               "(SDPA runs as two bmm on meta); element-wise ops, exp/cumsum of the recurrence and the depthwise "
               "conv (shifted multiply-adds) are not counted")
 

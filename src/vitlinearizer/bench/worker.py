@@ -31,6 +31,30 @@ def _max_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def _reset_rss_peak() -> bool:
+    """Start the process's RSS high-water mark (VmHWM) afresh at the current RSS (Linux clear_refs "5").
+
+    Without it the mark after the forward may be one set BEFORE it: building the model in float32 and casting
+    it to bf16 frees half the weights, so a bf16 forward that needs less than that never raises the mark, and
+    "peak minus pre-forward RSS" measures the freed float32 weights at every size (flat memory curves).
+    getrusage's ru_maxrss cannot be reset, hence VmHWM."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _vm_hwm() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            line = next((l for l in fh if l.startswith("VmHWM:")), None)
+        return None if line is None else int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _setup(spec: dict):
     import torch
 
@@ -59,20 +83,32 @@ def worker_memory(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     else:
+        reset = _reset_rss_peak()
         before = _rss_now()
+        mark_before = None if reset else _max_rss()
     start = time.perf_counter()
     with torch.inference_mode():
         model(x)
     _sync(torch, device)
     elapsed = time.perf_counter() - start
+    act = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         kind = "cuda max_memory_allocated"
+    elif reset:
+        peak = _vm_hwm()
+        kind = "RSS high-water (VmHWM, reset before the forward)"
     else:
         peak = _max_rss()
         kind = "RSS high-water (getrusage)"
-    return dict(peak_bytes=peak, before_bytes=before, act_bytes=None if before is None else peak - before,
-                cold_s=elapsed, memory_kind=kind)
+        if before is not None and mark_before > before:
+            # The mark was already above the pre-forward RSS: peak - before would count memory freed before
+            # the forward, and a forward below the old mark would not show at all.
+            kind += "; set before the forward, so the forward's own peak is unknown"
+            before = None
+    if before is not None:
+        act = peak - before
+    return dict(peak_bytes=peak, before_bytes=before, act_bytes=act, cold_s=elapsed, memory_kind=kind)
 
 
 def worker_timing(spec: dict) -> dict:
