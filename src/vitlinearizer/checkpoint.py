@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ __all__ = [
     "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
     "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
     "read_export_metadata", "pretrained_cfg_overlay", "update_pretrained_cfg", "write_text_atomic",
-    "check_output_dir", "save_training_checkpoint", "restore_training_state",
+    "check_output_dir", "check_writable", "save_training_checkpoint", "restore_training_state",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -187,6 +188,19 @@ def check_output_dir(path: PathLike, flag: str = "--output_dir") -> None:
             if not p.is_dir():
                 raise ValueError(f"{flag.lstrip('-')} {path}: {p} is a file, not a directory; pass another {flag}")
             return
+
+
+def check_writable(path, flag: str = "--output-dir") -> None:
+    """ValueError now if no file can be created in ``path`` (or, when it does not exist yet, in the directory it
+    would be created in): the outputs are written only after the measurements. A real file is tried, since
+    permission bits do not tell for root or a read-only mount."""
+    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag.lstrip('-')} {path}: cannot write in {existing} ({exc.strerror or exc}); pass "
+                         f"another {flag}") from None
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:

@@ -1,20 +1,24 @@
 """Command line: ``vitlinearizer train-teacher | distill | finetune | eval | predict | demo | bench``.
 
 Training commands read a YAML file (``--config``, see ``configs/``) and accept every key as an override,
-``--section.key VALUE`` (``vitlinearizer distill --help`` lists them all with their defaults).
+``--section.key VALUE`` (each command's ``--help`` lists the keys it reads, with their defaults).
 """
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import difflib
 import json
 import sys
 import typing
+import warnings
+from pathlib import Path
 
 import yaml
 
 from . import config as C
-from .checkpoint import CheckpointError, check_output_dir
+from .checkpoint import CheckpointError, check_output_dir, check_writable
+from .data import DataWarning
 from .engine import TrainingDivergedError
 
 TRAINING_COMMANDS = {
@@ -23,19 +27,49 @@ TRAINING_COMMANDS = {
     "finetune": "fine-tune a (distilled) student with labels; without student.checkpoint: train from scratch",
 }
 
+# Options a command never reads (a key, or a section ending in "."). They are still accepted, so that one list of
+# options can serve every stage, but left out of --help and named in a note when given on the command line: a
+# user passing `train-teacher --teacher.weights vit.pth` would otherwise get a teacher trained from scratch
+# without a word.
+NOT_READ = {
+    "train-teacher": ("student.", "distill.", "teacher.weights", "teacher.ignore_head", "teacher.prefer_ema",
+                      "finetune.kd_weight", "finetune.kd_temperature"),
+    "distill": ("finetune.",),
+    "finetune": ("distill.",),
+    "eval": ("data.augment", "data.auto_augment", "data.re_prob"),  # eval always uses the eval transform
+}
+# eval takes these from the exported model's metadata unless they are set (evaluation._PREPROCESSING)...
+EVAL_FROM_MODEL = ("img_size", "mean", "std", "interpolation", "crop_pct")
+# ...and, for --split holdout, these from the training run's record.
+EVAL_FROM_RUN = ("holdout_fraction", "seed")
 
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) in (tuple, list) or hint in (tuple, list):
+
+def _not_read(command: str, key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_READ.get(command, ()))
+
+
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
+
+
+def _type_name(hint, key: str = "") -> str:
+    if key == "data.img_size":
+        return "SIZE"  # S, HxW or [H, W]; its annotation is Any
+    if typing.get_origin(hint) in _SEQUENCES or hint in (tuple, list):
         return "LIST"  # e.g. train.betas: "0.9,0.999" or "[0.9, 0.999]"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     hint = args[0] if args else hint
-    return _type_name(hint) if typing.get_origin(hint) in (tuple, list) else getattr(hint, "__name__", str(hint)).upper()
+    return _type_name(hint) if typing.get_origin(hint) in _SEQUENCES else getattr(hint, "__name__", str(hint)).upper()
 
 
-def _default_for(key: str, command: str | None):
+def _default_for(key: str, command: str | None) -> str:
     if key == "output_dir" and command is not None:
-        return f"runs/{command}"  # what resolve_config sets when neither the YAML nor a flag does
-    return _default_of(key)
+        return repr(f"runs/{command}")  # what resolve_config sets when neither the YAML nor a flag does
+    if command == "eval" and key.startswith("data."):
+        if key[len("data."):] in EVAL_FROM_MODEL:
+            return "the model's, from its file"
+        if key[len("data."):] in EVAL_FROM_RUN:
+            return f"{_default_of(key)!r}; with --split holdout, the training run's"
+    return repr(_default_of(key))
 
 
 def _default_of(key: str):
@@ -48,21 +82,38 @@ def _default_of(key: str):
 
 def add_config_flags(parser: argparse.ArgumentParser, prefixes: tuple[str, ...] | None = None,
                      command: str | None = None, skip: tuple[str, ...] = ()) -> None:
-    """One ``--section.key`` flag per config field (``skip``: keys the command does not use); only flags given on
-    the command line override the YAML."""
+    """One ``--section.key`` flag per config field (``skip``: keys the command does not take at all; those in
+    NOT_READ are taken but not shown); only flags given on the command line override the YAML."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, hint in C.all_keys().items():
         section = key.split(".")[0] if "." in key else "run"
         if (prefixes is not None and section not in prefixes) or key in skip:
             continue
-        if section not in groups:
-            groups[section] = parser.add_argument_group(f"{section} options")
         # --output-dir too: the spelling of demo and bench, which a user will type here as well.
         spellings = [f"--{key}"] + (["--output-dir"] if key == "output_dir" else [])
+        if _not_read(command, key):
+            parser.add_argument(*spellings, dest=f"cfg:{key}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} options")
         groups[section].add_argument(
-            *spellings, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(hint),
-            help=f"{C.HELP.get(key, '')} (default: {_default_for(key, command)!r})",
+            *spellings, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar=_type_name(hint, key),
+            help=f"{C.HELP.get(key, '')} (default: {_default_for(key, command)})",
         )
+
+
+def _note_unread_flags(args: argparse.Namespace, command: str, cfg: C.RunConfig | None = None) -> None:
+    """A note naming the flags given on the command line that this command will not read (see NOT_READ)."""
+    given = list(overrides_from(args))
+    notes = [([k for k in given if _not_read(command, k)], "{command} does not read {it}")]
+    if command == "finetune" and cfg is not None and cfg.finetune.kd_weight == 0:
+        notes.append(([k for k in given if k.startswith("teacher.")],
+                      "finetune reads teacher.* only with finetune.kd_weight > 0"))
+    for unread, why in notes:
+        if unread:
+            why = why.format(command=command, it="it" if len(unread) == 1 else "them")
+            print(f"vitlinearizer {command}: note: ignoring {', '.join('--' + k for k in unread)} ({why})",
+                  file=sys.stderr)
 
 
 def overrides_from(args: argparse.Namespace) -> dict:
@@ -78,6 +129,16 @@ def resolve_config(args: argparse.Namespace, command: str, base: dict | None = N
     values = C.merge(_yaml_values(args) if base is None else base, overrides_from(args))
     values.setdefault("output_dir", f"runs/{command}")
     return C.build_config(values)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one: not for required options, nor None (whose help says what it
+    means)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -96,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil a ViT into a linear-time recurrent student, fine-tune, evaluate and benchmark it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     for name, text in TRAINING_COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--config", metavar="FILE", help="YAML config (sections: data, train, student, teacher, "
@@ -105,15 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("--dry-run", action="store_true",
                        help="run the configured models at their true sizes on 2 synthetic images for 2 steps "
-                            "(random weights; writes to OUTPUT_DIR-dry-run): checks a config without its data")
+                            "(random weights, no checkpoints, so no --resume; writes to OUTPUT_DIR-dry-run): "
+                            "checks a config without its data")
         add_config_flags(p, command=name)
 
     p = sub.add_parser("eval", help="top-1/top-5 of an exported model on a dataset split", formatter_class=fmt)
     p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
     p.add_argument("--split", default="test", choices=["test", "holdout", "train"], help="dataset split")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size")
     p.add_argument("--config", metavar="FILE", help="YAML config whose data section is used")
-    add_config_flags(p, prefixes=("run", "data"), skip=("output_dir",))
+    add_config_flags(p, prefixes=("run", "data"), command="eval", skip=("output_dir",))
 
     p = sub.add_parser("predict", help="top-k labels for image files", formatter_class=fmt)
     p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
@@ -142,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_flag_hints(parser, args.command, unknown)}")
     show_data_warnings_plainly()
+    _show_library_warnings_plainly(args.command)
     try:
         return _dispatch(args)
     except (C.ConfigError, ValueError, FileNotFoundError, CheckpointError) as exc:
@@ -156,6 +219,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"vitlinearizer {args.command}: {exc or 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
+
+
+_WARNING_PREFIX = ["vitlinearizer"]
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _show_library_warnings_plainly(command: str) -> None:
+    """Print this library's UserWarnings as one line, ``vitlinearizer COMMAND: warning: ...``: they speak to the
+    user (a distilled student's untrained head, a resume that found no checkpoint), and the default format's
+    "cli.py:218: UserWarning" plus a source line reads like a crash in the library. Other warnings keep theirs."""
+    _WARNING_PREFIX[0] = f"vitlinearizer {command}"
+    previous = warnings.formatwarning
+    if getattr(previous, "_plain_library_warnings", False):
+        return
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, UserWarning) and not issubclass(category, DataWarning) \
+                and str(filename).startswith(_PACKAGE_DIR):
+            return f"{_WARNING_PREFIX[0]}: warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
+
+    formatwarning._plain_library_warnings = True
+    formatwarning._plain_data_warnings = getattr(previous, "_plain_data_warnings", False)  # it delegates those
+    warnings.formatwarning = formatwarning
 
 
 def _flag_hints(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
@@ -197,17 +284,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in TRAINING_COMMANDS:
         cfg = resolve_config(args, args.command)
+        _note_unread_flags(args, args.command, cfg)
+        if args.command != "train-teacher":
+            # The architecture a student.checkpoint records, as the run (and its config.yaml) will have it: what
+            # --print-config shows and what --dry-run builds, which would otherwise be the default student.
+            cfg = runner.resolve_student(cfg)
         if args.print_config:
-            print(C.dump_yaml(cfg))
+            print(C.dump_yaml(cfg), end="")
             return 0
         runner.resolve_device(cfg.device)  # an unknown device fails now, not after the data and models are built
-        check_output_dir(cfg.output_dir.rstrip("/") + "-dry-run" if args.dry_run else cfg.output_dir)
+        run_dir = cfg.output_dir.rstrip("/") + "-dry-run" if args.dry_run else cfg.output_dir
+        check_output_dir(run_dir)
+        check_writable(run_dir, "--output_dir")  # else a PermissionError traceback once the data and models are built
         if args.dry_run:
-            import warnings
             warnings.filterwarnings("ignore", message="teacher.weights is not set")
-            cfg = runner.dry_run_config(cfg, cfg.output_dir.rstrip("/") + "-dry-run")
+            cfg = runner.dry_run_config(cfg, run_dir)
         stage = {"train-teacher": runner.train_teacher, "distill": runner.distill, "finetune": runner.finetune}
-        summary = stage[args.command](cfg, resume=args.resume)
+        summary = stage[args.command](cfg, resume=args.resume and not args.dry_run)
         if summary and "exported" in summary:  # the exporting process (rank 0 under torchrun) reports for all
             print(json.dumps({k: summary[k] for k in ("exported", "test", "steps") if k in summary}, indent=2,
                              default=str))
@@ -215,12 +308,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         base = _yaml_values(args)  # read once: the config and the keys it sets come from the same file contents
         cfg = resolve_config(args, "eval", base)
+        _note_unread_flags(args, "eval")
         print(json.dumps(evaluation.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device,
                                          explicit=_explicit_data_keys(args, base)), indent=2))
         return 0
     if args.command == "predict":
         from .data import parse_size
-        img_size = None if args.img_size is None else parse_size(args.img_size)
+        try:
+            img_size = None if args.img_size is None else parse_size(args.img_size)
+        except ValueError as exc:
+            raise ValueError(f"--img-size {args.img_size}: {exc}") from None
         runner.resolve_device(args.device)
 
         def show(r):  # as each image is done: a long list shows progress, and a later failure loses nothing

@@ -162,7 +162,7 @@ HELP = {
     "distill.smooth_l1_beta": "Smooth-L1 beta of masked prediction",
     "distill.label_smoothing": "label smoothing when objective=none",
     "distill.cls_weight": "weight of predicting the teacher's final class token from the student's (not in the paper; 0: off)",
-    "finetune.label_smoothing": "cross-entropy label smoothing",
+    "finetune.label_smoothing": "cross-entropy label smoothing (finetune, and train-teacher's too)",
     "finetune.kd_weight": "weight of logit distillation from the teacher (0: off)",
     "finetune.kd_temperature": "logit-distillation temperature",
 }
@@ -170,6 +170,29 @@ HELP = {
 
 class ConfigError(ValueError):
     """An invalid configuration: names the key and what is allowed."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last value and drops the
+    other without a word, so an edited config would silently run with whichever line came later."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key of base: an override, allowed
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, collections.abc.Hashable) and key in seen:
+                mark = key_node.start_mark
+                where = "a command-line value" if mark.name.startswith("<") else mark.name
+                raise ConfigError(f"key {key!r} appears twice in {where} (line {mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text):
+    """YAML from a config file or a command-line value; a repeated key is an error (see _UniqueKeyLoader)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _sections(cls=RunConfig) -> dict[str, type]:
@@ -202,7 +225,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
     if hint is Any:  # e.g. data.img_size: an int or [H, W]; command-line strings are read as YAML
-        return yaml.safe_load(value) if isinstance(value, str) else value
+        return load_yaml_text(value) if isinstance(value, str) else value
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -217,7 +240,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key} expects a string, got {value!r}")
     if hint is dict or origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml_text(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} expects a mapping such as {{a: 1}}, got {value!r}")
         # YAML reads `{depth:2}` (no space after the colon) as the key 'depth:2' with no value, which timm would
@@ -230,7 +253,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         return dict(value)
     if origin in (tuple, list, collections.abc.Sequence) or hint in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            value = load_yaml_text(value if value.startswith("[") else f"[{value}]")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML `mean: 0.5`, as `--data.mean 0.5`
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -291,6 +314,9 @@ def build_config(values: dict | None = None) -> RunConfig:
         allowed = list(scalar_types) + list(sections)
         raise ConfigError(f"unknown key '{unknown[0]}'{_suggest(unknown[0], allowed)}; allowed: {', '.join(allowed)}")
     top = {k: coerce(v, scalar_types[k], k) for k, v in top.items()}
+    if "output_dir" in top and not top["output_dir"].strip():  # e.g. `--output_dir $RUN` with RUN unset
+        raise ConfigError("output_dir must not be empty: the run would write its checkpoints into the current "
+                          "directory; pass a run directory such as runs/my_run")
     cfg = RunConfig(**top, **built)
     for name in ("student", "teacher", "distill", "finetune"):
         try:
@@ -302,10 +328,12 @@ def build_config(values: dict | None = None) -> RunConfig:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file (see configs/ for examples)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples")
     with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        values = load_yaml_text(f) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
     return values

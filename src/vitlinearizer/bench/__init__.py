@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import check_output_dir
+from ..checkpoint import check_output_dir, check_writable
 from ..data import parse_size
 from .models import (PAIRS, build_model, count_flops, model_flops, model_label, model_spec, token_count,
                      token_patch)
@@ -207,21 +207,6 @@ def check_tag(tag: str) -> None:
     if not tag or tag in (".", "..") or any(sep in tag for sep in ("/", "\\", "\0")):
         raise ValueError(f"--tag {tag!r} must be a plain file-name stem (no '/', not empty); choose the directory "
                          "with --output-dir")
-
-
-def check_writable(path, flag: str = "--output-dir") -> None:
-    """ValueError now if no file can be created in ``path`` (or, when it does not exist yet, in the directory it
-    would be created in): the outputs are written only after the measurements. A real file is tried, since
-    permission bits do not tell for root or a read-only mount."""
-    import tempfile
-
-    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), Path("."))
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{flag.lstrip('-')} {path}: cannot write in {existing} ({exc.strerror or exc}); pass "
-                         f"another {flag}") from None
 
 
 def rescue_results(results: dict) -> Path:
