@@ -2,6 +2,7 @@
 before anything in it changes."""
 import json
 
+import pytest
 import yaml
 
 from vitlinearizer.cli import main
@@ -72,6 +73,9 @@ def test_a_missing_evaluation_folder_fails_before_training(tmp_path, capsys):
                  "--train.final_test", "false"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert "test" not in summary and summary["last_eval"]["holdout_n"] == 2 and summary["complete"]
+    # Neither a test nor a holdout: the run is allowed, with a warning that nothing will measure it.
+    with pytest.warns(UserWarning, match="is never evaluated; set data.holdout_fraction"):
+        assert main(["finetune", *args, "--train.final_test", "false", "--output_dir", str(tmp_path / "blind")]) == 0
     # The same tree without --data.name imagefolder is read as the default Fashion-MNIST: named, with the fix.
     assert main(["finetune", *args[2:]]) == 2
     assert "looks like an ImageFolder tree (it has train/ or val/): pass --data.name imagefolder" in capsys.readouterr().err

@@ -196,3 +196,12 @@ def test_a_hybrid_vit_teacher_tiles_its_input_by_the_stem_stride_times_the_patch
         features = teacher.model.forward_features(teacher.normalize_input(resized))
     torch.testing.assert_close(out.last, features[:, 1:])
     assert out.stages[0].shape == (2, 4, 192)
+
+
+def test_a_directory_or_missing_file_is_named_by_its_option(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^teacher.weights .* is a directory; pass the weights file in it"):
+        Teacher(NAME, weights=tmp_path, img_size=32, **ARCH)
+    with pytest.raises(FileNotFoundError, match=r"^teacher.weights not found: .*absent.pth"):
+        Teacher(NAME, weights=tmp_path / "absent.pth", img_size=32, **ARCH)
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint file not found"):  # the library call names no option
+        load_state_dict_safely(tmp_path / "absent.pth")

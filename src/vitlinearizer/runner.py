@@ -168,6 +168,9 @@ def _datasets(cfg: RunConfig, classifier: bool = True):
         if tested and train_alone:
             raise FileNotFoundError(f"{exc}; or train without a final test: --train.final_test false") from None
         raise
+    if classifier and not cfg.train.final_test and cfg.data.holdout_fraction == 0:
+        warnings.warn("train.final_test is false and data.holdout_fraction is 0: the trained classifier is never "
+                      "evaluated; set data.holdout_fraction (e.g. 0.1) to measure it on held-out training images")
     info = dataset_info(cfg.data)
     if classifier and info["num_classes"] < 2:
         # One class trains to loss 0 and 100% accuracy, whatever the images: a layout mistake, not a result.
@@ -355,7 +358,8 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
     model.patch_grid(*_img_size(cfg.data))  # a resolution that does not fit the patch size fails here
     model.set_grad_checkpointing(cfg.student.grad_checkpointing)
     if cfg.student.checkpoint:
-        state = load_state_dict_safely(cfg.student.checkpoint, model_keys=model.state_dict().keys())
+        state = load_state_dict_safely(cfg.student.checkpoint, model_keys=model.state_dict().keys(),
+                                       option="student.checkpoint")
         # Resamples the position embedding to this resolution.
         state = checkpoint_filter_fn(state, model, _stored_grid(cfg.student.checkpoint, model))
         own = model.state_dict()

@@ -40,7 +40,8 @@ class UnsafeCheckpointError(ValueError):
 
 
 def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False,
-                           model_keys: Optional[Collection[str]] = None) -> dict[str, torch.Tensor]:
+                           model_keys: Optional[Collection[str]] = None,
+                           option: str = "checkpoint file") -> dict[str, torch.Tensor]:
     """Loads a tensor state dict without ever executing code from the file.
 
     Args:
@@ -50,6 +51,7 @@ def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False,
         model_keys: State-dict keys of the model the weights are for. Key prefixes shared by every key are then
             removed as far as that makes more keys match (Lightning's ``model.``, ``net.``, ...); without them
             only DDP's ``module.`` is.
+        option: What names the file in errors (e.g. ``teacher.weights``, the option it came from).
 
     Returns:
         Name -> CPU tensor; training containers (``state_dict``, ``model``, ...) and wrapper prefixes
@@ -61,8 +63,11 @@ def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False,
         ValueError: Unreadable file or no tensors inside.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{option} {path} is a directory; pass the weights file in it (.safetensors, .pth, "
+                                f".bin)")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise FileNotFoundError(f"{option} not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -260,7 +265,7 @@ class Teacher(nn.Module):
 
     def _load_weights(self, path: Path, ignore_head: bool, prefer_ema: bool) -> None:
         expected = self.model.state_dict()
-        sd = load_state_dict_safely(path, prefer_ema=prefer_ema, model_keys=set(expected))
+        sd = load_state_dict_safely(path, prefer_ema=prefer_ema, model_keys=set(expected), option="teacher.weights")
         meta = read_export_metadata(path)
         if meta is not None and "img_size" in meta:
             # timm's filter takes the grid a position embedding was trained on from pretrained_cfg's input_size
