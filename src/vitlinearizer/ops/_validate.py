@@ -61,6 +61,61 @@ def check_recurrence_inputs(q, k, v, log_decay, initial_state=None) -> None:
     devices = {t.device for t in (q, k, v, log_decay, initial_state) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"linear_recurrence: all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_log_decay_sign(log_decay, "linear_recurrence")
+
+
+def check_log_decay_sign(log_decay: torch.Tensor, caller: str, name: str = "log_decay") -> None:
+    """A positive log-decay is a growth factor: the naive/step paths silently amplify the state and the chunked
+    factored weights can overflow, so it is refused up front. NaN is let through (as in the naive loop) so that
+    an AMP overflow still reaches the loss scaler instead of crashing the run.
+
+    Checked on CPU only: on an accelerator, reading the answer back would synchronise the device on every call
+    (every token of step-by-step inference). The mixers' decays are <= 0 by construction."""
+    # Data-dependent: a graph being captured cannot branch on it, and meta tensors carry no values.
+    if log_decay.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    if log_decay.numel() and bool((log_decay > 0).any()):
+        raise ValueError(
+            f"{caller}: {name} must be <= 0 (a decay exp({name}) in [0, 1]), got a maximum of "
+            f"{log_decay[log_decay > 0].max().item():.4g} in {name} of shape {tuple(log_decay.shape)}"
+        )
+
+
+def check_step_inputs(q_t, k_t, v_t, log_decay_t, state=None) -> None:
+    """The one-token counterpart of :func:`check_recurrence_inputs`, for :func:`recurrent_step`."""
+    for name, t in dict(q_t=q_t, k_t=k_t, v_t=v_t, log_decay_t=log_decay_t, state=state).items():
+        if t is None and name == "state":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"recurrent_step: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"recurrent_step: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
+    if q_t.dim() != 3 or k_t.dim() != 3 or v_t.dim() != 3 or q_t.shape != k_t.shape:
+        raise ValueError(
+            "recurrent_step: q_t, k_t must be the same (B, G, N) and v_t (B, H, P); "
+            f"got q_t {tuple(q_t.shape)}, k_t {tuple(k_t.shape)}, v_t {tuple(v_t.shape)}"
+        )
+    batch, groups, key_dim = q_t.shape
+    heads, value_dim = v_t.shape[1], v_t.shape[2]
+    if v_t.shape[0] != batch or heads % groups != 0:
+        raise ValueError(
+            f"recurrent_step: v_t must be (B, H, P) with B = {batch} and H a multiple of the q_t/k_t group count "
+            f"G = {groups}, got v_t {tuple(v_t.shape)}"
+        )
+    scalar, vector = (batch, heads), (batch, heads, key_dim)
+    if tuple(log_decay_t.shape) not in (scalar, vector):
+        raise ValueError(
+            f"recurrent_step: log_decay_t must be per head {scalar} or per key channel {vector}, "
+            f"got {tuple(log_decay_t.shape)}"
+        )
+    expected = (batch, heads, key_dim, value_dim)
+    if state is not None and tuple(state.shape) != expected:
+        # A broadcastable state (e.g. without the batch dim) would otherwise be silently shared by the batch.
+        raise ValueError(f"recurrent_step: state must be (B, H, N, P) = {expected}, got {tuple(state.shape)}")
+    devices = {t.device for t in (q_t, k_t, v_t, log_decay_t, state) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"recurrent_step: all inputs must be on one device, got {sorted(map(str, devices))}")
+    check_log_decay_sign(log_decay_t, "recurrent_step", "log_decay_t")
 
 
 def autocast_disabled(device: torch.device):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import accumulation_dtype, autocast_disabled, expand_groups
+from ._validate import accumulation_dtype, autocast_disabled, check_step_inputs, expand_groups
 
 
-def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
+def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None, *, validate: bool = True):
     """Advance the recurrence by one token.
 
     Args:
@@ -14,10 +14,18 @@ def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
         v_t: (B, H, P) value.
         log_decay_t: (B, H) per-head or (B, H, N) per-key-channel log decay (<= 0).
         state: (B, H, N, P) carried state, or None for a zero state. Kept in float32 (float64 for float64 input).
+        validate: Check shapes, dtypes, devices and the decay's sign first (ValueError/TypeError naming the
+            argument); False skips that for inputs built to fit, e.g. by a mixer at every token.
 
     Returns:
         (y_t (B, H, P) in v_t's dtype, new state (B, H, N, P)).
     """
+    if validate:
+        check_step_inputs(q_t, k_t, v_t, log_decay_t, state)
+    return _step(q_t, k_t, v_t, log_decay_t, state)
+
+
+def _step(q_t, k_t, v_t, log_decay_t, state):
     acc = accumulation_dtype(q_t, k_t, v_t, log_decay_t, state)
     heads = v_t.shape[1]
     q_t = expand_groups(q_t.unsqueeze(1), heads).squeeze(1).to(acc)  # (B, H, N)
@@ -34,10 +42,12 @@ def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None):
 
 def step_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_state=False):
     """The whole sequence through :func:`recurrent_step`, as a decoder would run it."""
+    # recurrent_step checks each token; here the inputs were checked once by linear_recurrence, so call the
+    # unchecked core to avoid a per-token sign check (a device sync each on GPU).
     state = initial_state
     outputs = []
     for t in range(q.shape[1]):
-        y_t, state = recurrent_step(q[:, t], k[:, t], v[:, t], log_decay[:, t], state)
+        y_t, state = _step(q[:, t], k[:, t], v[:, t], log_decay[:, t], state)
         outputs.append(y_t)
     y = torch.stack(outputs, dim=1)
     return y, (state if return_final_state else None)
