@@ -203,19 +203,10 @@ def test_cpu_runs_float32_before_bf16_whatever_the_order_given():
     assert [c[2] for c in bench._configs(opts)] == ["bfloat16", "float32"]
 
 
-def test_no_memory_row_keeps_one_timed_repetition_when_the_budget_is_tight(monkeypatch):
+def test_no_memory_row_keeps_one_timed_repetition_when_the_budget_is_tight(bench_worker_specs):
     """Without the memory probe there is no cold forward to fall back on: a budget that leaves less than a
     warm-up plus a repetition still times one (cold) repetition, as documented ("min 1")."""
-    from vitlinearizer.bench import worker
-
-    specs = []
-
-    def fake_worker(spec, timeout=None):
-        specs.append(spec)
-        return {r: dict(latency=dict(batch=1, warmup=spec["warmup"], times_s=[0.5] * spec["repeats"]))
-                for r in spec["roles"]}
-
-    monkeypatch.setattr(worker, "run_worker", fake_worker)
+    specs = bench_worker_specs
     opts = bench.BenchOptions(pairs=["demo"], sizes=[(32, 32)], dtypes=["float32"], memory=False, device="cpu")
     rates = bench.RateBook("cpu")
     for role in ("student", "teacher"):  # both estimated at 6 s per forward

@@ -156,17 +156,10 @@ def test_benchmark_scripts_reject_bad_threads_and_repeats(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("teacher_s, warmup", [(16.0, 1), (25.0, 0)])
-def test_warmup_is_dropped_only_for_a_forward_over_20_s(monkeypatch, teacher_s, warmup):
+def test_warmup_is_dropped_only_for_a_forward_over_20_s(bench_worker_specs, teacher_s, warmup):
     """docs: "one warm-up forward each (none when a forward is estimated > 20 s)": per forward, not the pair's
     sum (5 s + 16 s dropped both warm-ups)."""
-    specs = []
-
-    def fake_worker(spec, timeout=None):
-        specs.append(spec)
-        return {r: dict(latency=dict(batch=1, warmup=spec["warmup"], times_s=[0.5] * spec["repeats"]))
-                for r in spec["roles"]}
-
-    monkeypatch.setattr(worker, "run_worker", fake_worker)
+    specs = bench_worker_specs
     opts = bench.BenchOptions(pairs=["demo"], sizes=[(32, 32)], dtypes=["float32"], memory=False, device="cpu",
                               batch=1, repeats=1, time_budget=1000.0)
     rates = bench.RateBook("cpu")

@@ -42,14 +42,7 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs (max |diff| {(a[k] - b[k]).abs().max()})"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Match the forked workers (see _engine_worker.main): intra-op thread count can change
-    float summation order, and these tests compare weights bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # weights are compared bit for bit (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from vitlinearizer.checkpoint import (STATE_FILE, CheckpointError, export_model,
 from vitlinearizer.engine import TrainingInterrupted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Weights are compared bit for bit: the thread count can change float summation order.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # weights are compared bit for bit (conftest.py)
 
 
 @pytest.fixture(scope="module")
