@@ -45,7 +45,37 @@ def test_every_run_directory_is_complete(pipeline):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["complete"] and summary["steps"] == 4  # 36 training images / batch 8
         assert any((run / "checkpoints").glob("step_*"))
+        assert summary["curves"] == str(run / "curves.png")
+        with Image.open(run / "curves.png") as image:
+            assert image.format == "PNG"
     assert 0 <= json.loads((pipeline / "finetune" / "summary.json").read_text())["test"]["top1"] <= 100
+
+
+def test_plot_compares_runs_and_refuses_what_is_not_a_run(pipeline, tmp_path, capsys):
+    output = tmp_path / "figures" / "compare.png"
+    assert main(["plot", str(pipeline / "distill"), str(pipeline / "finetune"), "-o", str(output),
+                 "--labels", "distilled", "fine-tuned"]) == 0
+    assert capsys.readouterr().out.strip() == str(output)
+    with Image.open(output) as image:
+        assert image.format == "PNG"
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()  # the default output's folder is not created for a failed plot
+    assert main(["plot", str(pipeline / "distill"), "-o", str(tmp_path / "curves.jpg")]) == 2
+    assert "ending in .png" in capsys.readouterr().err
+
+
+def test_a_figure_that_fails_does_not_fail_the_run(tmp_path, monkeypatch):
+    from vitlinearizer import runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(runner, "plot_curves", broken)
+    with pytest.warns(UserWarning, match="could not draw .*curves.png: RuntimeError: no fonts"):
+        assert main(["train-teacher", *TINY, "--train.save_checkpoints", "false", "--output_dir", str(tmp_path / "t")]) == 0
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["complete"] and "curves" not in summary and (tmp_path / "t" / "teacher.safetensors").is_file()
 
 
 def test_finetuned_student_loads_with_plain_timm_and_its_own_preprocessing(pipeline, tmp_path):

@@ -45,3 +45,13 @@ def test_sizes_and_grey_statistics_read_alike_in_yaml_and_on_the_command_line():
 def test_errors_name_the_option_as_the_user_writes_it():
     with pytest.raises(ConfigError, match=r"^train.epochs must be an integer >= 1, got 0"):
         config(**{"train.epochs": "0"})
+
+
+def test_switches_read_alike_in_yaml_and_on_the_command_line():
+    for value in (1, "1", True, "true", "yes"):
+        assert build_config({"train": {"progress": value}}).train.progress is True
+    for value in (0, "0", False, "false", "no"):
+        assert build_config({"train": {"progress": value}}).train.progress is False
+    for value in (2, -1, 0.5, "maybe"):
+        with pytest.raises(ConfigError, match="train.progress expects true or false"):
+            build_config({"train": {"progress": value}})

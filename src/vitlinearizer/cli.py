@@ -1,4 +1,4 @@
-"""Command line: ``vitlinearizer train-teacher | distill | finetune | eval | predict | demo | bench``.
+"""Command line: ``vitlinearizer train-teacher | distill | finetune | eval | predict | plot | demo | bench``.
 
 Training commands read a YAML file (``--config``, see ``configs/``) and accept every key as an override,
 ``--section.key VALUE`` (each command's ``--help`` lists the keys it reads, with their defaults).
@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize to S or HxW (a multiple of the patch size; default: the training resolution)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    p = sub.add_parser("plot", help="training curves of runs (their metrics.jsonl) as a PNG", formatter_class=fmt,
+                       description="Loss, the objective's terms, accuracy and learning rate against the step, for one "
+                                   "run or several (compared in one figure); runs still training are drawn so far.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of train-teacher, distill or finetune runs")
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", default=None,
+                   help="one name per run for the legends (default: the shortest distinct end of each directory)")
+
     from .demo import add_demo_arguments
     add_demo_arguments(sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST, with a report",
                                       formatter_class=fmt))
@@ -302,7 +311,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         stage = {"train-teacher": runner.train_teacher, "distill": runner.distill, "finetune": runner.finetune}
         summary = stage[args.command](cfg, resume=args.resume and not args.dry_run)
         if summary and "exported" in summary:  # the exporting process (rank 0 under torchrun) reports for all
-            print(json.dumps({k: summary[k] for k in ("exported", "test", "steps") if k in summary}, indent=2,
+            print(json.dumps({k: summary[k] for k in ("exported", "test", "curves", "steps") if k in summary}, indent=2,
                              default=str))
         return 0
     if args.command == "eval":
@@ -333,6 +342,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         if failed:
             print(f"vitlinearizer predict: {failed} of {len(results)} image(s) could not be read", file=sys.stderr)
         return 1 if failed else 0
+    if args.command == "plot":
+        from .curves import plot_curves
+        output = Path(args.output or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png"))
+        if output.suffix.lower() != ".png":
+            raise ValueError(f"--output {output}: the figure is a PNG; give a file name ending in .png")
+        check_output_dir(output.parent, "--output")
+        check_writable(output.parent, "--output")
+        print(plot_curves(args.runs, output, args.labels))
+        return 0
     if args.command == "demo":
         from .demo import run_demo_from_args
         return run_demo_from_args(args)

@@ -13,6 +13,7 @@ import safetensors
 import torch
 
 from .checkpoint import write_text_atomic
+from .curves import read_metrics
 
 
 def _param_count(path: Path) -> int:
@@ -113,13 +114,6 @@ def gap_table(results: dict) -> tuple[str, dict]:
     return "\n".join(rows), gaps
 
 
-def _metrics(stage_dir: Path) -> list[dict]:
-    path = stage_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def write_plots(run_dir: Path, results: dict, groups: dict, latency: list[dict]) -> list[str]:
     import matplotlib
 
@@ -132,7 +126,9 @@ def write_plots(run_dir: Path, results: dict, groups: dict, latency: list[dict])
         for stage_dir in sorted(p for p in run_dir.iterdir() if p.is_dir()):
             if not any(stage_dir.name.startswith(k) for k in kind.split("|")):
                 continue
-            rows = [r for r in _metrics(stage_dir) if "loss" in r]
+            if not (stage_dir / "metrics.jsonl").is_file():
+                continue
+            rows = [r for r in read_metrics(stage_dir).train if "loss" in r]
             if rows:
                 ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=stage_dir.name)
         ax.set(title=f"{kind} loss", xlabel="optimiser step", ylabel="loss")

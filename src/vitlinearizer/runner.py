@@ -26,6 +26,7 @@ from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
                          read_export_metadata, update_pretrained_cfg, write_text_atomic)
 from .config import RunConfig, StudentConfig, dump_yaml
+from .curves import plot_curves, read_metrics
 from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, check_data_source, dataset_info, read_skip_log
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
@@ -312,6 +313,12 @@ def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, trai
         summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2)
     summary["skipped_files"] = _skipped_files({"train": train_ds, "holdout": holdout, "test": test})
     summary["complete"] = not summary.get("interrupted", False)
+    try:
+        metrics = read_metrics(run_dir)
+        metrics.test = summary.get("test")
+        summary["curves"] = str(plot_curves([metrics], run_dir / "curves.png"))
+    except Exception as exc:  # a figure is not worth failing a finished run for
+        warnings.warn(f"could not draw {run_dir / 'curves.png'}: {type(exc).__name__}: {exc}")
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
