@@ -169,6 +169,17 @@ def test_gated_rmsnorm_leaves_z_alone_unless_told():
         torch.testing.assert_close(norm(y, z, overwrite_z=True), ref)
 
 
+def test_gated_rmsnorm_multiplies_a_bf16_gate_in_float32_as_autograd_does():
+    # Under autocast in_proj gives a bf16 z and the kernel a float32 y: the in-place product used to stay bf16
+    # (errors of ~1e-2 against the autograd path).
+    norm = GatedRMSNorm(64)
+    y, z = torch.randn(2, 10, 64) * 3, torch.randn(2, 10, 64).bfloat16()
+    ref = norm(y, z)
+    with torch.no_grad():
+        for overwrite_z in (False, True):
+            torch.testing.assert_close(norm(y, z.clone(), overwrite_z=overwrite_z), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", list(MIXER_CASES))
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("slab", [0, 4, 16, 41])

@@ -123,7 +123,10 @@ class GatedRMSNorm(nn.Module):
         shape = y.shape
         groups = (*shape[:-1], shape[-1] // self.group_size, self.group_size)  # explicit: the batch may be empty
         if _inplace_ok():
-            x = F.silu(z, inplace=overwrite_z).mul_(y).reshape(groups)
+            gate = F.silu(z, inplace=overwrite_z)
+            # In place only into a tensor of the product's dtype: under autocast z is bf16 while y comes from the
+            # float32 kernel, and the autograd path multiplies in float32.
+            x = (gate.mul_(y) if gate.dtype == torch.result_type(gate, y) else gate * y).reshape(groups)
             x = _at_least_float32(x)
             # ||x|| / sqrt(n) is the RMS: one reduction pass and no squared temporary.
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
