@@ -40,6 +40,12 @@ def fla_linear_recurrence(q, k, v, log_decay, initial_state=None, return_final_s
     kernels = fla_kernels()
     if kernels is None or q.device.type != "cuda":
         raise RuntimeError("impl='fla' needs a CUDA device and `pip install fla-core`; use impl='chunked' instead")
+    return call_fla(kernels, q, k, v, log_decay, initial_state, return_final_state)
+
+
+def call_fla(kernels, q, k, v, log_decay, initial_state=None, return_final_state=False):
+    """Our recurrence in fla's terms: ``kernels`` = (chunk_simple_gla, chunk_gla) or anything with their
+    signatures (tests pass fla's pure-PyTorch references, to check these conventions without a GPU)."""
     chunk_simple_gla, chunk_gla = kernels
     heads = v.shape[2]
     q, k = expand_groups(q, heads), expand_groups(k, heads)
