@@ -285,6 +285,30 @@ def test_always_nan_raises_diverged_and_keeps_last_good_checkpoint(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["diverged"] is True
 
 
+def test_metrics_up_to_a_checkpoint_reach_the_disk_before_it(tmp_path, monkeypatch):
+    import vitlinearizer.engine as engine
+
+    events = []
+    real_save = engine.save_training_checkpoint
+
+    def fsync(path):
+        if path.name == "metrics.jsonl":
+            logged = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+            events.append(("fsync", max(logged, default=0)))
+
+    def save(root, step, *args, **kwargs):
+        events.append(("checkpoint", step))
+        return real_save(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "fsync_path", fsync)
+    monkeypatch.setattr(engine, "save_training_checkpoint", save)
+    W.train(tmp_path, cfg={"accum_steps": 1, "epochs": 1, "save_every_steps": 4})
+    checkpoints = [i for i, (kind, _) in enumerate(events) if kind == "checkpoint"]
+    assert [events[i][1] for i in checkpoints] == [4, 8, 12]
+    for i in checkpoints:  # each checkpoint follows an fsync of a log that reached its step
+        assert events[i - 1][0] == "fsync" and events[i - 1][1] == events[i][1]
+
+
 # --------------------------------------------------------------------------- outputs
 
 

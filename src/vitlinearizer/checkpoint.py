@@ -43,7 +43,8 @@ __all__ = [
     "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
     "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
     "read_export_metadata", "pretrained_cfg_overlay", "update_pretrained_cfg", "write_text_atomic",
-    "check_output_dir", "check_writable", "save_training_checkpoint", "restore_training_state",
+    "check_output_dir", "check_writable", "save_training_checkpoint", "restore_training_state", "write_bytes_atomic",
+    "fsync_path",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -96,15 +97,16 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename is only durable once the directory entry itself reaches the disk.
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to the disk: a rename is only durable once the directory entry
+    itself reaches it."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:  # some filesystems / platforms cannot open or fsync directories
+    except OSError:  # missing, or a filesystem / platform that cannot open or fsync directories
         pass
 
 
@@ -172,7 +174,7 @@ def _replace_file(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -264,7 +266,7 @@ def save_checkpoint(root: PathLike, step: int, model_state: Mapping[str, torch.T
             _write_recorded(tmp / EMA_FILE, _safetensors_bytes(ema_state), manifest)
         _write_recorded(tmp / STATE_FILE, _torch_bytes(dict(state, has_ema=ema_state is not None)), manifest)
         _write_file(tmp / MANIFEST_FILE, json.dumps({"files": manifest}).encode())
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             # Re-saving a step (e.g. an interrupt right after a periodic save): move the old
             # copy aside first because rename cannot replace a non-empty directory.
@@ -274,7 +276,7 @@ def save_checkpoint(root: PathLike, step: int, model_state: Mapping[str, torch.T
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException as e:  # also an interrupt (a second Ctrl-C): no partial copy of the model stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:

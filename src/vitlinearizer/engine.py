@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, list_checkpoints, load_latest_checkpoint, restore_training_state,
+from .checkpoint import (CheckpointError, fsync_path, list_checkpoints, load_latest_checkpoint, restore_training_state,
                          save_training_checkpoint, write_text_atomic)
 from .optim import WarmupCosine, build_optimizer, build_scheduler, param_groups, trained_module
 from .seeding import (EpochBatchSampler, SeededDataset, derive_seed, gather_rng_states, restore_rng_state, seed_all,
@@ -421,6 +421,9 @@ class Trainer:
                      "log_window": {"sums": {k: float(v) for k, v in w["sums"].items()}, "good": w["good"],
                                     "images": w["images"], "lr": w["lr"]},
                      "run_time_s": self._run_time(), "images": self._images}
+            # The log up to this step is as durable as the checkpoint: a resume trims later records, never
+            # earlier ones, so a power loss must not leave a gap before it.
+            fsync_path(self.run_dir / "metrics.jsonl")
             try:
                 save_training_checkpoint(self.ckpt_dir, self.step, self.task, self.optimizer, self.scheduler, state,
                                          ema, self.frozen, keep=self.cfg.keep_checkpoints)
