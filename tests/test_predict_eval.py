@@ -67,6 +67,25 @@ def test_predict_reports_unreadable_images_and_still_classifies_the_others(stude
     assert [("top" in r, "error" in r) for r in results] == [(True, False), (False, True), (False, True), (True, False)]
 
 
+def test_predict_in_batches_keeps_the_file_order_and_the_answers(student, tmp_path):
+    files = _images(tmp_path / "img", n=5)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    files.insert(2, str(corrupt))
+    single = evaluation.predict(student, files, topk=2, device="cpu", batch_size=1)
+    seen = []
+    batched = evaluation.predict(student, files, topk=2, device="cpu", batch_size=4, on_result=seen.append)
+    assert [r["image"] for r in batched] == [r["image"] for r in seen] == files
+    assert "error" in batched[2] and "top" not in batched[2]
+    for one, many in zip(single, batched):
+        assert one.keys() == many.keys()
+        if "top" in one:
+            assert [t["index"] for t in one["top"]] == [t["index"] for t in many["top"]]
+            assert [t["prob"] for t in one["top"]] == pytest.approx([t["prob"] for t in many["top"]], abs=2e-4)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        evaluation.predict(student, files, batch_size=0)
+
+
 def test_predict_expands_a_directory_to_its_images(student, tmp_path, capsys):
     folder = tmp_path / "photos"
     _images(folder / "b", n=1)

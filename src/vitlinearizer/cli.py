@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--img-size", metavar="SIZE", default=None,
                    help="resize to S or HxW (a multiple of the patch size; default: the training resolution)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("plot", help="training curves of runs (their metrics.jsonl) as a PNG", formatter_class=fmt,
@@ -335,7 +336,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             elif not args.json:
                 print(f"{r['image']}: " + ", ".join(f"{t['label']} {t['prob']:.3f}" for t in r["top"]), flush=True)
 
-        results = evaluation.predict(args.checkpoint, args.images, args.topk, args.device, img_size, on_result=show)
+        results = evaluation.predict(args.checkpoint, args.images, args.topk, args.device, img_size, on_result=show,
+                                     batch_size=args.batch_size)
         if args.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))  # class names as the folders spell them
         failed = sum("error" in r for r in results)

@@ -167,16 +167,18 @@ def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
 
 
 def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto",
-            img_size: tuple[int, int] | None = None, on_result=None) -> list[dict]:
+            img_size: tuple[int, int] | None = None, on_result=None, batch_size: int = 32) -> list[dict]:
     """Top-k labels with probabilities for image files (a directory: the images below it), resized to
     ``img_size`` (default: the size the model was trained at; Adventurer students run at any multiple of their
-    patch size, ViT teachers too, by resampling their position embedding).
+    patch size, ViT teachers too, by resampling their position embedding), ``batch_size`` images per forward.
 
     Paths that do not exist fail before any work. An image that cannot be decoded gives
     ``{"image", "error"}`` instead of ``{"image", "top"}`` and the others are still classified;
-    ``on_result(result)`` is called with each result as soon as it is computed."""
+    ``on_result(result)`` is called with each result, in the order of the files, as soon as its batch is done."""
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     files = _image_files(images)
     model, meta = load_exported_model(checkpoint, resolve_device(device))
     _warn_if_untrained_head(checkpoint, meta)
@@ -188,22 +190,27 @@ def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: st
     data = _export_preprocessing(DataConfig(name="synthetic", img_size=img_size), meta, explicit={"img_size"})
     transform = build_transform(data, train=False)
     k = min(topk, meta["num_classes"])
+    model_device = next(model.parameters()).device
     results = []
-    for path in files:
-        try:
-            image = load_rgb(path)
-        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for a bad file
-            result = {"image": path, "error": f"cannot read the image ({type(exc).__name__}: {exc})"}
-        else:
-            x = transform(image).unsqueeze(0).to(next(model.parameters()).device)
+    for start in range(0, len(files), batch_size):
+        batch, inputs = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                inputs.append(transform(load_rgb(path)))
+            except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for a bad file
+                batch.append({"image": path, "error": f"cannot read the image ({type(exc).__name__}: {exc})"})
+            else:
+                batch.append({"image": path})
+        if inputs:
             with torch.no_grad():
-                probs = model(x).float().softmax(-1)[0]
-            top = probs.topk(k)
-            result = {"image": path, "top": [
-                {"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
-                for p, i in zip(top.values.tolist(), top.indices.tolist())
-            ]}
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
+                top = model(torch.stack(inputs).to(model_device)).float().softmax(-1).topk(k, dim=-1)
+            decoded = iter(zip(top.values.tolist(), top.indices.tolist()))
+            for result in (r for r in batch if "error" not in r):
+                probs, indices = next(decoded)
+                result["top"] = [{"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
+                                 for p, i in zip(probs, indices)]
+        for result in batch:
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
     return results
