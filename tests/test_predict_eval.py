@@ -86,6 +86,20 @@ def test_predict_in_batches_keeps_the_file_order_and_the_answers(student, tmp_pa
         evaluation.predict(student, files, batch_size=0)
 
 
+def test_an_export_described_in_part_loads_and_names_what_it_lacks(tmp_path):
+    model = timm.create_model(STUDENT[0], num_classes=3, img_size=28, **STUDENT[1])
+    # Only what rebuilding needs: no classes, statistics or resize settings (timm's defaults stand in).
+    path = export_model(model, tmp_path / "minimal.safetensors",
+                        {"model": STUDENT[0], "model_kwargs": STUDENT[1], "num_classes": 3, "img_size": [28, 28]})
+    loaded, _ = runner.load_exported_model(path)
+    assert timm.data.resolve_data_config(model=loaded)["input_size"] == (3, 28, 28)
+    (result,) = evaluation.predict(path, _images(tmp_path / "img", n=1), topk=3, device="cpu")
+    assert sorted(t["label"] for t in result["top"]) == ["0", "1", "2"]  # indices stand in for class names
+    incomplete = export_model(model, tmp_path / "incomplete.safetensors", {"model": STUDENT[0], "num_classes": 3})
+    with pytest.raises(ValueError, match="description lacks img_size, needed to rebuild the model"):
+        runner.load_exported_model(incomplete)
+
+
 def test_predict_expands_a_directory_to_its_images(student, tmp_path, capsys):
     folder = tmp_path / "photos"
     _images(folder / "b", n=1)

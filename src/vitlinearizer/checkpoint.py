@@ -487,8 +487,11 @@ def pretrained_cfg_overlay(path: PathLike, description: Optional[Mapping] = None
     meta = read_export_metadata(path) if description is None else description
     if meta is None:
         raise ValueError(f"{path} has no {METADATA_KEY} description; only files written by export_model carry one")
-    return dict(file=str(path), num_classes=meta["num_classes"], mean=tuple(meta["mean"]), std=tuple(meta["std"]),
-                input_size=(3, *meta["img_size"]), interpolation=meta["interpolation"], crop_pct=meta["crop_pct"])
+    overlay = dict(file=str(path), num_classes=meta.get("num_classes"), mean=meta.get("mean"), std=meta.get("std"),
+                   input_size=(3, *meta["img_size"]) if "img_size" in meta else None,
+                   interpolation=meta.get("interpolation"), crop_pct=meta.get("crop_pct"))
+    # What the description leaves out stays timm's default for the architecture.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overlay.items() if v is not None}
 
 
 def update_pretrained_cfg(model: nn.Module, **fields) -> None:

@@ -127,13 +127,19 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     if dataset.num_classes != meta["num_classes"]:
         raise ValueError(f"the data has {dataset.num_classes} classes ({_names(dataset.classes)}) but the model predicts "
                          f"{meta['num_classes']} ({_names(meta.get('classes'))}): evaluate it on data with its classes")
-    if dataset.classes != list(meta["classes"]):  # same count, other labels: the accuracy would be meaningless
+    if meta.get("classes") is not None and dataset.classes != list(meta["classes"]):  # other labels: meaningless
         differ = [f"{i}: data {a!r} vs model {b!r}" for i, (a, b) in enumerate(zip(dataset.classes, meta["classes"]))
                   if a != b]
         raise ValueError(f"the data's classes are not the ones the model was trained on ({'; '.join(differ[:5])}); "
                          "evaluate on data with the same class folders")
     result = evaluate_classifier(model, dataset, batch_size)
     return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
+
+
+def _class_name(meta: dict, index: int) -> str:
+    """The class's name as the export records it; its index for a file exported without class names."""
+    classes = meta.get("classes")
+    return str(classes[index]) if classes and index < len(classes) else str(index)
 
 
 def _image_files(images) -> list[str]:
@@ -207,7 +213,7 @@ def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: st
             decoded = iter(zip(top.values.tolist(), top.indices.tolist()))
             for result in (r for r in batch if "error" not in r):
                 probs, indices = next(decoded)
-                result["top"] = [{"label": meta["classes"][i], "index": int(i), "prob": round(float(p), 4)}
+                result["top"] = [{"label": _class_name(meta, i), "index": int(i), "prob": round(float(p), 4)}
                                  for p, i in zip(probs, indices)]
         for result in batch:
             results.append(result)

@@ -89,13 +89,22 @@ def read_metadata(path: str | Path) -> dict:
     meta = read_export_metadata(path)
     if meta is None:
         raise ValueError(f"{path} has no vitlinearizer metadata; export it with `vitlinearizer distill/finetune`")
+    missing = [key for key in _REBUILD_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: its description lacks {', '.join(missing)}, needed to rebuild the model; export it "
+                         f"with a description that names {', '.join(_REBUILD_KEYS)} (runner.model_metadata builds one)")
     return meta
+
+
+# What an export description must name for load_exported_model to rebuild the model; the rest (classes, mean, std,
+# interpolation, crop_pct, ...) is optional, timm's defaults for the architecture standing in.
+_REBUILD_KEYS = ("model", "num_classes", "img_size")
 
 
 def _model_for(meta: dict) -> nn.Module:
     """The (untrained) model an export description names, at the resolution it was trained at: the position
     embedding in the file has that grid's size."""
-    kwargs = {"img_size": tuple(meta["img_size"]), **meta["model_kwargs"]}
+    kwargs = {"img_size": tuple(meta["img_size"]), **meta.get("model_kwargs", {})}
     return timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
 
 
