@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,12 +21,15 @@ __all__ = ["RunMetrics", "read_metrics", "plot_curves", "curves_figure"]
 _NOT_LOSS_TERMS = {"step", "epoch", "lr", "loss", "acc", "images_per_s", "bad_steps"}
 
 
+@dataclass
 class RunMetrics:
     """One run's logged records: ``train`` (one per logging window) and ``evals`` (step, {metric: value}), plus the
     final ``test`` metrics of its ``summary.json`` when it has them."""
 
-    def __init__(self, run_dir: Path, train: list[dict], evals: list[tuple[int, dict]], test: dict | None):
-        self.run_dir, self.train, self.evals, self.test = run_dir, train, evals, test
+    run_dir: Path
+    train: list[dict]
+    evals: list[tuple[int, dict]]
+    test: dict | None = None
 
     @property
     def loss_terms(self) -> list[str]:
