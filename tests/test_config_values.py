@@ -55,3 +55,10 @@ def test_switches_read_alike_in_yaml_and_on_the_command_line():
     for value in (2, -1, 0.5, "maybe"):
         with pytest.raises(ConfigError, match="train.progress expects true or false"):
             build_config({"train": {"progress": value}})
+
+
+def test_kd_weight_above_one_is_refused_before_any_work():
+    # (1 - kd_weight) weighs the cross-entropy: above 1 training would push the labels' loss up.
+    with pytest.raises(ConfigError, match=r"finetune.kd_weight must be in \[0, 1\], got 1.5"):
+        config(**{"finetune.kd_weight": "1.5"})
+    assert config(**{"finetune.kd_weight": "1"}).finetune.kd_weight == 1.0

@@ -69,8 +69,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.kd_weight < 0:
-            raise ValueError(f"finetune.kd_weight must be >= 0, got {self.kd_weight}")
+        if not 0 <= self.kd_weight <= 1:  # the loss is (1 - kd_weight) * CE + kd_weight * KD
+            raise ValueError(f"finetune.kd_weight must be in [0, 1], got {self.kd_weight}")
         if self.kd_temperature <= 0:
             raise ValueError(f"finetune.kd_temperature must be > 0, got {self.kd_temperature}")
 

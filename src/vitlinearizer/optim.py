@@ -4,6 +4,7 @@ warm-up + cosine schedule. :class:`vitlinearizer.engine.Trainer` builds its opti
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,8 @@ def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0)
     """Trainable parameters as AdamW groups: decayed / not decayed, times one lr scale per layer.
 
     Biases and norm gains (``ndim <= 1``) and ``no_weight_decay()`` names (tokens,
-    position embeddings) are not decayed: pulling them towards zero only hurts.
+    position embeddings) are not decayed: pulling them towards zero only hurts. As in timm's optimiser factory,
+    a ``no_weight_decay()`` entry may be a wildcard pattern (timm's XCiT returns ``"pos_embed.*"``).
     ``layer_decay`` < 1 scales the lr of student layer i by ``layer_decay ** (last - i)`` (``lr_scale``):
     fine-tuning a pre-trained (distilled) student then adapts the new head fast while the early layers,
     whose features the pre-training paid for, move slowly. Parameters outside the student (heads of the
@@ -55,6 +57,7 @@ def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0)
     prefix, student = trained_module(task)
     if hasattr(student, "no_weight_decay"):
         skip |= {f"{prefix}.{n}" for n in student.no_weight_decay()}
+    patterns = [n for n in skip if any(c in n for c in "*?[")]
     layer_of, num_layers = student_layer_ids(task) if layer_decay < 1.0 else ({}, 1)
     if layer_decay < 1.0 and num_layers == 1:
         raise ValueError("train.layer_decay < 1 needs a student with a timm group_matcher() (its layers); "
@@ -63,7 +66,7 @@ def param_groups(task: nn.Module, weight_decay: float, layer_decay: float = 1.0)
     for name, p in task.named_parameters():
         if not p.requires_grad:
             continue
-        decayed = not (p.ndim <= 1 or name in skip)
+        decayed = not (p.ndim <= 1 or name in skip or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
         layer = layer_of.get(name, num_layers - 1)
         group = groups.setdefault((layer, decayed), {
             "params": [], "weight_decay": weight_decay if decayed else 0.0,
