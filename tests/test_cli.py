@@ -62,7 +62,19 @@ def test_plot_compares_runs_and_refuses_what_is_not_a_run(pipeline, tmp_path, ca
     assert "nowhere does not exist" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()  # the default output's folder is not created for a failed plot
     assert main(["plot", str(pipeline / "distill"), "-o", str(tmp_path / "curves.jpg")]) == 2
-    assert "ending in .png" in capsys.readouterr().err
+    assert "written as png, pdf, svg" in capsys.readouterr().err
+    # The file instead of its run directory: named as such, not as a bad output path.
+    assert main(["plot", str(pipeline / "distill" / "metrics.jsonl")]) == 2
+    assert f"metrics.jsonl is a file; pass the run directory that holds it ({pipeline / 'distill'})" in \
+        capsys.readouterr().err
+
+
+def test_a_diverged_run_still_draws_its_curves(tmp_path):
+    run = tmp_path / "diverged"
+    assert main(["train-teacher", *TINY, "--train.lr", "1e30", "--train.log_every", "1", "--train.max_bad_steps",
+                 "2", "--output_dir", str(run)]) == 1
+    with Image.open(run / "curves.png") as image:
+        assert image.format == "PNG"
 
 
 def test_a_figure_that_fails_does_not_fail_the_run(tmp_path, monkeypatch):

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "run or several (compared in one figure); runs still training are drawn so far.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of train-teacher, distill or finetune runs")
     p.add_argument("-o", "--output", metavar="FILE", default=None,
-                   help="PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
+                   help=".png, .pdf or .svg to write (default: RUN_DIR/curves.png for one run, curves.png here for "
+                        "several)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", default=None,
                    help="one name per run for the legends (default: the shortest distinct end of each directory)")
 
@@ -345,13 +346,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"vitlinearizer predict: {failed} of {len(results)} image(s) could not be read", file=sys.stderr)
         return 1 if failed else 0
     if args.command == "plot":
-        from .curves import plot_curves
+        from .curves import plot_curves, read_metrics
+        runs = [read_metrics(run) for run in args.runs]  # a wrong run directory is named before the output path
         output = Path(args.output or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png"))
-        if output.suffix.lower() != ".png":
-            raise ValueError(f"--output {output}: the figure is a PNG; give a file name ending in .png")
-        check_output_dir(output.parent, "--output")
-        check_writable(output.parent, "--output")
-        print(plot_curves(args.runs, output, args.labels))
+        print(plot_curves(runs, output, args.labels))
         return 0
     if args.command == "demo":
         from .demo import run_demo_from_args

@@ -271,6 +271,10 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
         if previous_config is not None and trainer.rank == 0:
             write_text_atomic(run_dir / "config.yaml", previous_config)
         raise
+    except BaseException:  # diverged or interrupted: the curves show how it got there
+        if trainer.rank == 0 and (run_dir / "metrics.jsonl").is_file():
+            _draw_curves(run_dir)
+        raise
     finally:
         cleanup_distributed()
     if trainer.rank != 0:
@@ -322,14 +326,23 @@ def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, trai
         summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2)
     summary["skipped_files"] = _skipped_files({"train": train_ds, "holdout": holdout, "test": test})
     summary["complete"] = not summary.get("interrupted", False)
-    try:
-        metrics = read_metrics(run_dir)
-        metrics.test = summary.get("test")
-        summary["curves"] = str(plot_curves([metrics], run_dir / "curves.png"))
-    except Exception as exc:  # a figure is not worth failing a finished run for
-        warnings.warn(f"could not draw {run_dir / 'curves.png'}: {type(exc).__name__}: {exc}")
+    curves = _draw_curves(run_dir, summary.get("test"))
+    if curves is not None:
+        summary["curves"] = curves
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _draw_curves(run_dir: Path, test: dict | None = None) -> str | None:
+    """``run_dir/curves.png`` from the run's metrics (and its final ``test`` metrics); None, with a warning, when it
+    cannot be drawn: a figure is not worth failing a run for."""
+    try:
+        metrics = read_metrics(run_dir)
+        metrics.test = test
+        return str(plot_curves(metrics, run_dir / "curves.png"))
+    except Exception as exc:
+        warnings.warn(f"could not draw {run_dir / 'curves.png'}: {type(exc).__name__}: {exc}")
+        return None
 
 
 def resolve_student(cfg: RunConfig) -> RunConfig:
