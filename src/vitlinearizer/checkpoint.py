@@ -461,8 +461,49 @@ METADATA_KEY = "vitlinearizer"
 
 
 def export_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: PathLike, description: Mapping) -> Path:
-    """Export weights with their description (JSON under ``METADATA_KEY``); the file stays a plain timm state dict."""
-    return export_student(model, path, metadata={METADATA_KEY: json.dumps(description)})
+    """Export weights with their description (JSON under ``METADATA_KEY``); the file stays a plain timm state dict.
+
+    The description's fields are checked here, not when the file is read back: ``model`` (timm name),
+    ``model_kwargs`` (mapping), ``num_classes`` (int), ``classes`` (one name per class), ``img_size`` (int or
+    [H, W]; stored as [H, W]), ``mean`` / ``std`` (numbers). :func:`vitlinearizer.runner.load_exported_model` needs
+    ``model``, ``num_classes`` and ``img_size``; a teacher's weights file needs only its statistics."""
+    return export_student(model, path, metadata={METADATA_KEY: json.dumps(_checked_description(description))})
+
+
+def _checked_description(description: Mapping) -> dict:
+    described = dict(description)
+
+    def bad(key: str, expected: str):
+        return ValueError(f"export description: {key} must be {expected}, got {described[key]!r}")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if "model" in described and not (isinstance(described["model"], str) and described["model"]):
+        raise bad("model", "a timm model name")
+    if "model_kwargs" in described and not isinstance(described["model_kwargs"], Mapping):
+        raise bad("model_kwargs", "a mapping of keyword arguments ({} for none)")
+    if "num_classes" in described and not (is_int(described["num_classes"]) and described["num_classes"] >= 0):
+        raise bad("num_classes", "an int >= 0")
+    if "img_size" in described:
+        size = described["img_size"]
+        size = [size, size] if is_int(size) else size
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(is_int(v) and v > 0 for v in size)):
+            raise bad("img_size", "a positive int or [H, W]")
+        described["img_size"] = list(size)
+    for key in ("mean", "std"):
+        values = described.get(key)
+        if key in described and not (isinstance(values, (list, tuple)) and values and
+                                     all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise bad(key, "a list of numbers, one per channel")
+    classes = described.get("classes")
+    if classes is not None:
+        if not (isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):
+            raise bad("classes", "a list of class names")
+        if "num_classes" in described and len(classes) != described["num_classes"]:
+            raise ValueError(f"export description: {len(classes)} classes named for num_classes="
+                             f"{described['num_classes']}; name each class once")
+    return described
 
 
 def read_export_metadata(path: PathLike) -> Optional[dict]:

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--img-size", metavar="SIZE", default=None,
                    help="resize to S or HxW (a multiple of the patch size; default: the training resolution)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("plot", help="training curves of runs (their metrics.jsonl) as a PNG", formatter_class=fmt,

@@ -7,9 +7,11 @@ without, so both need nothing but the file.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -25,6 +27,16 @@ __all__ = ["evaluate", "predict"]
 
 # What an export's metadata fixes about the input: eval and predict take these from the file, as it was trained.
 _PREPROCESSING = ("img_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def _preprocessing(model: nn.Module, meta: dict) -> dict:
+    """The export's preprocessing; for a field its description leaves out, the model's timm data config (what
+    ``timm.data.resolve_data_config(model=model)`` gives), so that eval, predict and timm agree on it."""
+    timm_cfg = timm.data.resolve_data_config(model=model)
+    defaults = {"img_size": list(timm_cfg["input_size"][1:]), "mean": list(timm_cfg["mean"]),
+                "std": list(timm_cfg["std"]), "interpolation": timm_cfg["interpolation"],
+                "crop_pct": timm_cfg["crop_pct"]}
+    return {**meta, **{k: v for k, v in defaults.items() if meta.get(k) is None}}
 
 
 def _export_preprocessing(data: DataConfig, meta: dict, explicit=None) -> DataConfig:
@@ -109,11 +121,15 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     in ``explicit`` (None: the fields that differ from DataConfig's defaults)."""
     model, meta = load_exported_model(checkpoint, resolve_device(device))
     _warn_if_untrained_head(checkpoint, meta)
-    _export_preprocessing(data, meta, explicit)
+    _export_preprocessing(data, _preprocessing(model, meta), explicit)
     if split == "holdout":
         _use_recorded_split(checkpoint, meta, data, explicit)
     # A train/ labels the data (checked against the model's classes below); without one, the export's classes do.
     no_train = data.name == "imagefolder" and not (Path(data.root) / "train").is_dir()
+    if no_train and not meta.get("classes"):
+        raise ValueError(f"{checkpoint} records no class names and {data.root} has no train/ folder: nothing says "
+                         "which class folder is which output; add the train/ class folders, or export the model with "
+                         "its classes")
     dataset = build_dataset(data, split, classes=meta.get("classes") if no_train else None)
     dataset.transform = build_transform(data, train=False)  # the train split too: no augmentation draws
     recorded = meta.get("holdout_drawn_from")
@@ -172,7 +188,7 @@ def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
     model.set_input_size(img_size=img_size)
 
 
-def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: str = "auto",
+def predict(checkpoint: str | Path, images: str | os.PathLike | list[str | os.PathLike], topk: int = 5, device: str = "auto",
             img_size: tuple[int, int] | None = None, on_result=None, batch_size: int = 32) -> list[dict]:
     """Top-k labels with probabilities for image files (a directory: the images below it), resized to
     ``img_size`` (default: the size the model was trained at; Adventurer students run at any multiple of their
@@ -185,6 +201,7 @@ def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: st
         raise ValueError(f"topk must be >= 1, got {topk}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    images = [str(p) for p in ([images] if isinstance(images, (str, os.PathLike)) else images)]
     files = _image_files(images)
     model, meta = load_exported_model(checkpoint, resolve_device(device))
     _warn_if_untrained_head(checkpoint, meta)
@@ -193,7 +210,8 @@ def predict(checkpoint: str | Path, images: list[str], topk: int = 5, device: st
         model.patch_grid(*img_size)  # a size that does not fit the patch size fails here, naming the fix
     elif img_size != tuple(meta["img_size"]):
         _set_input_size(model, img_size)
-    data = _export_preprocessing(DataConfig(name="synthetic", img_size=img_size), meta, explicit={"img_size"})
+    data = _export_preprocessing(DataConfig(name="synthetic", img_size=img_size), _preprocessing(model, meta),
+                                 explicit={"img_size"})
     transform = build_transform(data, train=False)
     k = min(topk, meta["num_classes"])
     model_device = next(model.parameters()).device

@@ -31,7 +31,7 @@ from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, c
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
-from .models.adventurer import checkpoint_filter_fn, patch_grid
+from .models.adventurer import checkpoint_filter_fn, patch_grid, timm_pair
 from .seeding import derive_seed, seed_all
 from .teacher import Teacher, load_state_dict_safely, pixels_per_token
 
@@ -104,15 +104,30 @@ _REBUILD_KEYS = ("model", "num_classes", "img_size")
 def _model_for(meta: dict) -> nn.Module:
     """The (untrained) model an export description names, at the resolution it was trained at: the position
     embedding in the file has that grid's size."""
-    kwargs = {"img_size": tuple(meta["img_size"]), **meta.get("model_kwargs", {})}
+    kwargs = {"img_size": timm_pair(meta["img_size"]), **meta.get("model_kwargs", {})}
     return timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
 
 
 def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
     meta = read_metadata(path)
-    model = _model_for(meta)
+    try:
+        model = _model_for(meta)
+    except RuntimeError as exc:
+        if "Unknown model" not in str(exc):
+            raise
+        raise ValueError(f"{path}: its description names model {meta['model']!r}, which timm does not know; import "
+                         "the package that registers it before loading") from None
     state = load_state_dict_safely(path)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        changes = architecture_changes(path) or [str(exc).splitlines()[0]]
+        raise ValueError(
+            f"{path}: its tensors do not fit the model its description names ({meta['model']}, "
+            f"model_kwargs={meta.get('model_kwargs', {})}, num_classes={meta['num_classes']}): "
+            f"{'; '.join(changes[:4])}{f' (+{len(changes) - 4} more)' if len(changes) > 4 else ''}. The description "
+            "must name the architecture the weights were trained with (e.g. a mixer other than mamba2 in "
+            "model_kwargs)") from None
     # What timm.data.resolve_data_config(model=model) reads: the file's preprocessing, not the registry's.
     update_pretrained_cfg(model, **pretrained_cfg_overlay(path, meta))
     return model.to(device).eval(), meta
