@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".png, .pdf or .svg to write (default: RUN_DIR/curves.png for one run, curves.png here for "
                         "several)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", default=None,
-                   help="one name per run for the legends (default: the shortest distinct end of each directory)")
+                   help="one name per run for the legend, after the run directories (default: the shortest "
+                        "distinct end of each directory)")
 
     from .demo import add_demo_arguments
     add_demo_arguments(sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST, with a report",
