@@ -21,6 +21,7 @@ def test_config_is_valid(path):
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+@pytest.mark.usefixtures("freed_memory")
 def test_paper_preset_dry_run(path, tmp_path):
     """Two optimisation steps of the real architectures (random weights, 2 synthetic images, batch 1) at 64 px:
     the true widths and depths, and the position-embedding resampling a new resolution needs, at CI cost."""

@@ -238,8 +238,8 @@ class Trainer:
         if earlier and not resume:
             # Starting over would delete them (only the newest are kept) and mix two runs' metrics.
             raise CheckpointError(
-                f"{self.run_dir} holds checkpoints of an earlier run (newest: {earlier[-1].name}); pass --resume to "
-                "continue it, or another --output_dir (or delete this one) to start over")
+                f"{self.run_dir} holds checkpoints of an earlier run (newest: {earlier[-1].name}); pass --resume "
+                "(Trainer.fit(resume=True)) to continue it, or another --output_dir (run_dir) to start over")
         if resume and self._resume():
             self._trim_metrics(self.step)
         else:
