@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per forward pass")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = sub.add_parser("plot", help="training curves of runs (their metrics.jsonl) as a PNG", formatter_class=fmt,
+    p = sub.add_parser("plot", help="training curves of runs (their metrics.jsonl) as a figure", formatter_class=fmt,
                        description="Loss, the objective's terms, accuracy and learning rate against the step, for one "
                                    "run or several (compared in one figure); runs still training are drawn so far.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of train-teacher, distill or finetune runs")

@@ -188,8 +188,9 @@ def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
     model.set_input_size(img_size=img_size)
 
 
-def predict(checkpoint: str | Path, images: str | os.PathLike | list[str | os.PathLike], topk: int = 5, device: str = "auto",
-            img_size: tuple[int, int] | None = None, on_result=None, batch_size: int = 32) -> list[dict]:
+def predict(checkpoint: str | Path, images: str | os.PathLike | list[str | os.PathLike], topk: int = 5,
+            device: str = "auto", img_size: tuple[int, int] | None = None, on_result=None,
+            batch_size: int = 32) -> list[dict]:
     """Top-k labels with probabilities for image files (a directory: the images below it), resized to
     ``img_size`` (default: the size the model was trained at; Adventurer students run at any multiple of their
     patch size, ViT teachers too, by resampling their position embedding), ``batch_size`` images per forward.
