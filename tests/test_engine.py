@@ -332,6 +332,19 @@ def test_frozen_teacher_untouched_and_never_checkpointed(tmp_path):
     assert len(list_checkpoints(tmp_path / "checkpoints")) == 2  # keep_checkpoints default
 
 
+def test_ema_warmup_follows_the_student_at_first_and_resume_refuses_a_change(tmp_path):
+    cfg = {"ema_decay": 0.9999, "epochs": 1, "accum_steps": 1, "save_every_steps": 4}
+    _, plain = W.train(tmp_path / "plain", cfg=cfg)
+    _, warm = W.train(tmp_path / "warm", cfg={**cfg, "ema_warmup": True})
+    def gap(trainer):  # how far the exported EMA is from the trained student
+        ema = dict(trainer.ema.module.named_parameters())
+        return max((p - ema[n]).abs().max().item() for n, p in trainer.student.named_parameters())
+    # 12 steps at 0.9999 leave the EMA at its initial weights; warmed up (decay ~0.8 at step 12), it follows.
+    assert gap(warm) < 0.2 * gap(plain)
+    with pytest.raises(CheckpointError, match="ema_warmup"):
+        W.train(tmp_path / "warm", cfg={**cfg, "ema_warmup": False}, resume=True)
+
+
 def test_bf16_autocast_runs(tmp_path):
     summary, _ = W.train(tmp_path, cfg={"amp": "bf16", "epochs": 1, "accum_steps": 1})
     assert summary["steps"] == 12 and math.isfinite(summary["final_metrics"]["loss"])

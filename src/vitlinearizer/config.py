@@ -122,6 +122,7 @@ HELP = {
     "train.accum_steps": "micro-batches accumulated per optimiser step",
     "train.amp": "none | bf16 (autocast; recurrence state and losses stay float32)",
     "train.ema_decay": "EMA of the weights (0: off); the EMA model is exported when on",
+    "train.ema_warmup": "ramp the EMA decay up from 0 over the first steps (timm's EMA warm-up), for short runs",
     "train.layer_decay": "layer-wise lr decay for fine-tuning a pre-trained student: layer i gets "
                          "lr * layer_decay**(last - i) (1: off; BEiT/MAE use 0.65-0.75)",
     "train.seed": "seed of initialisation, data order, augmentation and masking",

@@ -90,6 +90,9 @@ class TrainConfig:
     accum_steps: int = 1
     amp: str = "none"  # "none" | "bf16"
     ema_decay: float = 0.0  # 0: off
+    # The EMA's decay ramps up from 0 (timm's use_warmup: 1 - (1 + step)^(-2/3), capped at ema_decay): a short run
+    # with a decay of 0.9999 would otherwise export weights still mostly at their initial values.
+    ema_warmup: bool = False
     layer_decay: float = 1.0  # < 1: layer-wise lr decay (BEiT), lr * layer_decay**(depth - layer); 1: off
     seed: int = 0
     num_workers: int = 0
@@ -213,7 +216,8 @@ class Trainer:
         self.model: nn.Module = task
         if self.world_size > 1:  # wrapping broadcasts rank 0's weights, so build the EMA afterwards
             self.model = DistributedDataParallel(task, device_ids=[self.local_rank] if cuda else None)
-        self.ema = ModelEmaV3(self.student, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = (ModelEmaV3(self.student, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema_decay > 0
+                    else None)
         self.epoch = self.step = self.step_in_epoch = self.bad_steps = self._consecutive_bad = 0
         self.last_checkpoint: Optional[Path] = None
         self._saved_step, self._stop_signal, self._last_log, self._last_eval = -1, None, {}, None
@@ -340,8 +344,8 @@ class Trainer:
             self.bad_steps, self._consecutive_bad = self.bad_steps + 1, self._consecutive_bad + 1
         else:
             self.optimizer.step()
-            if self.ema is not None:
-                self.ema.update(self.student)
+            if self.ema is not None:  # without the step, timm applies ema_decay from the first update
+                self.ema.update(self.student, step=self.step if self.cfg.ema_warmup else None)
             self._consecutive_bad, w["good"] = 0, w["good"] + 1
             for k, v in sums.items():
                 w["sums"][k] = w["sums"].get(k, 0.0) + v
@@ -460,6 +464,8 @@ class Trainer:
             expect["clip_grad"] = cfg.clip_grad
         if ckpt.ema is not None:
             expect["ema_decay"] = cfg.ema_decay
+            if bool(saved.get("ema_warmup", False)) != cfg.ema_warmup:  # checkpoints from before the option: off
+                expect["ema_warmup"] = cfg.ema_warmup
         st = restore_training_state(ckpt, self.task, self.optimizer, self.scheduler, ema, self.frozen, expect)
         if ema is not None and ckpt.ema is None:
             warnings.warn(f"{ckpt.path} has no EMA weights; the EMA restarts from the restored student")
