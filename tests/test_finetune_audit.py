@@ -154,3 +154,17 @@ def test_schedule_keeps_layer_scales_from_warm_up_to_the_last_step():
     assert seen[:3] == pytest.approx([0.5, 1.0, 1.0])
     assert seen[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     assert sched.get_last_lr() == pytest.approx([0.1 * s for s in scales])
+
+
+def test_a_compiled_student_keeps_its_layer_decay_and_weight_decay_exclusions():
+    # torch.compile wraps the model (parameters under `_orig_mod.`); compiling happens only at the first call.
+    plain = ClassificationTask(tiny_student())
+    compiled = ClassificationTask(torch.compile(tiny_student()))
+    groups = [param_groups(task, weight_decay=0.05, layer_decay=0.7) for task in (plain, compiled)]
+
+    def summary(task, task_groups):
+        name = {id(p): n.replace("._orig_mod", "") for n, p in task.named_parameters()}
+        return sorted((g["lr_scale"], g["weight_decay"], sorted(name[id(p)] for p in g["params"])) for g in task_groups)
+
+    assert summary(compiled, groups[1]) == summary(plain, groups[0])
+    assert any("student.pos_embed" in names and wd == 0.0 for _, wd, names in summary(compiled, groups[1]))

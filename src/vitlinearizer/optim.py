@@ -29,6 +29,9 @@ def trained_module(task: nn.Module) -> tuple[str, nn.Module]:
     if not isinstance(module, nn.Module) or name is None:
         raise TypeError("the task must name the model it trains: a timm TrainingTask whose get_trainable_module() "
                         "returns one of its submodules, or a `student` submodule")
+    # torch.compile's wrapper: the model's own names (group_matcher, no_weight_decay) and its export are inside it.
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        name, module = f"{name}._orig_mod", module._orig_mod
     return name, module
 
 
