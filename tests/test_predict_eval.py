@@ -353,3 +353,38 @@ def test_eval_reads_its_config_file_once(student, tmp_path, monkeypatch, capsys)
     image = load_rgb(_images(tmp_path / "img", size=(50, 37))[0])
     expected = build_transform(DataConfig(name="synthetic", img_size=28, crop_pct=1.0), train=False)(image)
     assert torch.equal(seen[-1].transform(image), expected)
+
+
+def test_eval_amp_runs_the_forward_under_bf16_autocast(student, capsys):
+    args = ["eval", "--checkpoint", student, *SYNTHETIC, "--device", "cpu"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--amp", "bf16"]) == 0
+    mixed = json.loads(capsys.readouterr().out)
+    assert (plain["amp"], mixed["amp"]) == ("none", "bf16")
+    # bf16 rounding moves the logits a little: the same samples, a close but not identical loss.
+    assert mixed["n"] == plain["n"] and mixed["loss"] != plain["loss"]
+    assert mixed["loss"] == pytest.approx(plain["loss"], abs=0.05)
+
+
+def test_holdout_and_final_test_run_under_the_trainings_autocast(tmp_path, monkeypatch):
+    from vitlinearizer.engine import evaluate_classifier
+
+    seen = []
+
+    def recording(model, dataset, *args, **kwargs):
+        hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        try:
+            return evaluate_classifier(model, dataset, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(runner, "evaluate_classifier", recording)
+    kwargs = "{depth: 2, embed_dim: 32, mixer_kwargs: {d_state: 8, head_dim: 16}}"
+    common = [*SYNTHETIC, "--data.img_size", "28", "--data.holdout_fraction", "0.25", "--train.epochs", "1",
+              "--train.batch_size", "12", "--train.progress", "false", "--train.save_checkpoints", "false",
+              "--student.model_kwargs", kwargs]
+    for amp, autocast in (("bf16", True), ("none", False)):
+        seen.clear()
+        assert main(["finetune", *common, "--train.amp", amp, "--output_dir", str(tmp_path / amp)]) == 0
+        assert len(seen) >= 2 and set(seen) == {autocast}  # the holdout at the end of the epoch and the test

@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="FILE", required=True, help="exported model (.safetensors)")
     p.add_argument("--split", default="test", choices=["test", "holdout", "train"], help="dataset split")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="evaluation batch size")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none",
+                   help="bf16: forward under bfloat16 autocast (fast on GPUs; slow on CPUs without bf16 units)")
     p.add_argument("--config", metavar="FILE", help="YAML config whose data section is used")
     add_config_flags(p, prefixes=("run", "data"), command="eval", skip=("output_dir",))
 
@@ -322,7 +324,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = resolve_config(args, "eval", base)
         _note_unread_flags(args, "eval")
         print(json.dumps(evaluation.evaluate(args.checkpoint, cfg.data, args.split, args.batch_size, cfg.device,
-                                         explicit=_explicit_data_keys(args, base)), indent=2))
+                                         explicit=_explicit_data_keys(args, base), amp=args.amp), indent=2))
         return 0
     if args.command == "predict":
         from .data import parse_size

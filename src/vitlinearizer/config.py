@@ -120,7 +120,7 @@ HELP = {
     "train.eps": "AdamW epsilon",
     "train.clip_grad": "gradient-norm clipping (null or 0: off)",
     "train.accum_steps": "micro-batches accumulated per optimiser step",
-    "train.amp": "none | bf16 (autocast; recurrence state and losses stay float32)",
+    "train.amp": "none | bf16 (autocast, also for the holdout and final test; recurrence state and losses stay float32)",
     "train.ema_decay": "EMA of the weights (0: off); the EMA model is exported when on",
     "train.ema_warmup": "ramp the EMA decay up from 0 over the first steps (timm's EMA warm-up), for short runs",
     "train.layer_decay": "layer-wise lr decay for fine-tuning a pre-trained student: layer i gets "

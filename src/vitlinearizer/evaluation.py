@@ -113,8 +113,9 @@ def _names(classes, limit: int = 10) -> str:
 
 
 def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batch_size: int = 256,
-             device: str = "auto", explicit=None) -> dict:
-    """Top-1/top-5 of an exported model on a split of ``data``, always with the eval transform.
+             device: str = "auto", explicit=None, amp: str = "none") -> dict:
+    """Top-1/top-5 of an exported model on a split of ``data``, always with the eval transform; ``amp="bf16"``
+    runs the forward under bfloat16 autocast.
 
     Preprocessing (img_size, mean, std, interpolation, crop_pct) comes from the model's metadata and, for
     ``split="holdout"``, holdout_fraction/seed from the training run's record, except for the data fields named
@@ -148,8 +149,8 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
                   if a != b]
         raise ValueError(f"the data's classes are not the ones the model was trained on ({'; '.join(differ[:5])}); "
                          "evaluate on data with the same class folders")
-    result = evaluate_classifier(model, dataset, batch_size)
-    return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, **result}
+    result = evaluate_classifier(model, dataset, batch_size, amp=amp)
+    return {"checkpoint": str(checkpoint), "model": meta["model"], "split": split, "amp": amp, **result}
 
 
 def _class_name(meta: dict, index: int) -> str:

@@ -264,7 +264,8 @@ def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, hol
     eval_fn = None
     if holdout is not None:
         def eval_fn(model):
-            return {f"holdout_{k}": v for k, v in evaluate_classifier(model, holdout, cfg.train.batch_size * 2).items()}
+            result = evaluate_classifier(model, holdout, cfg.train.batch_size * 2, amp=cfg.train.amp)
+            return {f"holdout_{k}": v for k, v in result.items()}
     for split, ds in (("train", train_ds), ("holdout", holdout)):
         if ds is not None:
             ds.skip_log = _skip_log(run_dir, split)
@@ -338,7 +339,8 @@ def _finish(summary: dict, run_dir: Path, model: nn.Module, cfg: RunConfig, trai
     if test_split:
         test = build_dataset(cfg.data, "test")
         test.skip_log = _skip_log(run_dir, "test")
-        summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2)
+        # Under the training's autocast, as timm's train.py validates (top-1 can differ slightly from float32's).
+        summary["test"] = evaluate_classifier(model, test, cfg.train.batch_size * 2, amp=cfg.train.amp)
     summary["skipped_files"] = _skipped_files({"train": train_ds, "holdout": holdout, "test": test})
     summary["complete"] = not summary.get("interrupted", False)
     curves = _draw_curves(run_dir, summary.get("test"))
@@ -526,4 +528,4 @@ def evaluate_teacher(cfg: RunConfig, split: str = "test") -> dict:
     teacher = build_teacher(cfg, info["num_classes"], info["mean"], info["std"])
     dataset = build_dataset(cfg.data, split)
     dataset.transform = build_transform(cfg.data, train=False)  # the train split too: no augmentation draws
-    return evaluate_classifier(teacher, dataset, cfg.train.batch_size * 2)
+    return evaluate_classifier(teacher, dataset, cfg.train.batch_size * 2, amp=cfg.train.amp)
