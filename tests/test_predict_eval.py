@@ -211,7 +211,7 @@ def test_eval_takes_preprocessing_from_the_export_unless_given(tmp_path, monkeyp
     ckpt = _export(tmp_path / "student.safetensors", crop_pct=0.875, interpolation="bilinear",
                    mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7])
     seen = []
-    monkeypatch.setattr(evaluation, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
+    monkeypatch.setattr(evaluation, "evaluate_classifier", lambda model, ds, batch_size, amp: seen.append(ds) or {"n": len(ds)})
     image = load_rgb(_images(tmp_path / "img", size=(50, 37))[0])
 
     def expected(**changes):
@@ -346,7 +346,7 @@ def test_eval_reads_its_config_file_once(student, tmp_path, monkeypatch, capsys)
     reads, load_yaml = [], C.load_yaml
     monkeypatch.setattr(C, "load_yaml", lambda path: reads.append(path) or load_yaml(path))
     seen = []
-    monkeypatch.setattr(evaluation, "evaluate_classifier", lambda model, ds, batch_size: seen.append(ds) or {"n": len(ds)})
+    monkeypatch.setattr(evaluation, "evaluate_classifier", lambda model, ds, batch_size, amp: seen.append(ds) or {"n": len(ds)})
     ckpt = _export(tmp_path / "cropped.safetensors", crop_pct=0.875)
     assert main(["eval", "--checkpoint", ckpt, "--config", str(cfg)]) == 0
     assert reads == [str(cfg)] and json.loads(capsys.readouterr().out)["n"] == 6
