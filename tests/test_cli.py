@@ -67,6 +67,10 @@ def test_plot_compares_runs_and_refuses_what_is_not_a_run(pipeline, tmp_path, ca
     assert main(["plot", str(pipeline / "distill" / "metrics.jsonl")]) == 2
     assert f"metrics.jsonl is a file; pass the run directory that holds it ({pipeline / 'distill'})" in \
         capsys.readouterr().err
+    # --labels before the runs takes them as labels: the error says so instead of argparse's "RUN_DIR required".
+    assert main(["plot", "--labels", "a", str(pipeline / "distill")]) == 2
+    assert f"--labels took every word after it (a {pipeline / 'distill'}); put it after the run directories" in \
+        capsys.readouterr().err
 
 
 def test_a_diverged_run_still_draws_its_curves(tmp_path):

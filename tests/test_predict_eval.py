@@ -12,7 +12,7 @@ from vitlinearizer import config as C
 from vitlinearizer import evaluation, runner
 from vitlinearizer.checkpoint import CheckpointError, export_model, read_export_metadata
 from vitlinearizer.cli import main
-from vitlinearizer.data import DataConfig, build_transform, dataset_info, load_rgb
+from vitlinearizer.data import DataConfig, build_dataset, build_transform, dataset_info, load_rgb
 
 STUDENT = ("adventurer_nano_patch4_28", {"depth": 2, "embed_dim": 32, "mixer": "mamba2",
                                          "mixer_kwargs": {"d_state": 8, "head_dim": 16}})
@@ -388,3 +388,15 @@ def test_holdout_and_final_test_run_under_the_trainings_autocast(tmp_path, monke
         seen.clear()
         assert main(["finetune", *common, "--train.amp", amp, "--output_dir", str(tmp_path / amp)]) == 0
         assert len(seen) >= 2 and set(seen) == {autocast}  # the holdout at the end of the epoch and the test
+
+
+def test_evaluation_builds_no_autograd_graph(tmp_path):
+    from vitlinearizer.engine import evaluate_classifier
+
+    torch.manual_seed(0)
+    model = timm.create_model(STUDENT[0], num_classes=3, **STUDENT[1])
+    grad_enabled = []
+    model.register_forward_pre_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    data = DataConfig(name="synthetic", img_size=28, num_classes=3, synthetic_length=8)
+    evaluate_classifier(model, build_dataset(data, "test"), batch_size=4)
+    assert grad_enabled == [False, False]

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="training curves of runs (their metrics.jsonl) as a figure", formatter_class=fmt,
                        description="Loss, the objective's terms, accuracy and learning rate against the step, for one "
                                    "run or several (compared in one figure); runs still training are drawn so far.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output_dir of train-teacher, distill or finetune runs")
+    # "*", not "+": a missing run gets plot's own error, which names the usual cause (--labels before the runs).
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="output_dir of train-teacher, distill or finetune runs")
     p.add_argument("-o", "--output", metavar="FILE", default=None,
                    help=".png, .pdf or .svg to write (default: RUN_DIR/curves.png for one run, curves.png here for "
                         "several)")
@@ -350,6 +351,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 1 if failed else 0
     if args.command == "plot":
         from .curves import plot_curves, read_metrics
+        if not args.runs:
+            hint = (f": --labels took every word after it ({' '.join(args.labels)}); put it after the run directories, "
+                    "e.g. vitlinearizer plot RUN_A RUN_B --labels A B") if args.labels else ""
+            raise ValueError(f"name at least one run directory{hint}")
         runs = [read_metrics(run) for run in args.runs]  # a wrong run directory is named before the output path
         output = Path(args.output or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png"))
         print(plot_curves(runs, output, args.labels))

@@ -519,7 +519,6 @@ def _logged_step(line: str) -> int | None:
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 def _collate_loaded(samples: list):
     """default_collate of the samples that loaded (a dataset in ``replace_failed=False`` mode gives None for the
     others); None when none did."""
@@ -527,6 +526,7 @@ def _collate_loaded(samples: list):
     return default_collate(samples) if samples else None
 
 
+@torch.no_grad()  # not inference_mode: tensors a model caches during evaluation must stay usable in training
 def evaluate_classifier(model: nn.Module, dataset: Dataset, batch_size: int = 256, amp: str = "none",
                         device: Union[str, torch.device, None] = None, num_workers: int = 0) -> dict[str, float]:
     """``{"top1", "top5", "loss", "n"}``: accuracy in percent (top-5 is top-C for C < 5 classes)
