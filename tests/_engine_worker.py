@@ -48,12 +48,13 @@ class AugDataset(Dataset):
 class ToyTask(nn.Module):
     """Student MLP (with dropout, a no-decay 2-D `pos` parameter) plus a frozen teacher with
     BatchNorm buffers. ``nan_calls``: forward-call indices whose loss becomes NaN
-    (and every call from ``nan_from`` on); ``signal_at_call``: send SIGTERM to ourselves then."""
+    (and every call from ``nan_from`` on); ``nan_grad_calls``: calls whose loss stays finite but whose gradient is
+    NaN; ``signal_at_call``: send SIGTERM to ourselves then."""
 
     frozen_prefixes = ("teacher.",)
 
     def __init__(self, dropout: float = 0.1, sleep: float = 0.0, nan_calls=(), nan_from=None,
-                 signal_at_call=None):
+                 signal_at_call=None, nan_grad_calls=()):
         super().__init__()
         self.student = nn.Sequential(nn.Linear(DIM, 16), nn.LayerNorm(16), nn.GELU(), nn.Dropout(dropout),
                                      nn.Linear(16, CLASSES))
@@ -61,6 +62,7 @@ class ToyTask(nn.Module):
         self.teacher = nn.Sequential(nn.Linear(DIM, CLASSES), nn.BatchNorm1d(CLASSES))
         self.teacher.requires_grad_(False)
         self.sleep, self.nan_calls, self.nan_from = sleep, set(nan_calls), nan_from
+        self.nan_grad_calls = set(nan_grad_calls)
         self.signal_at_call, self.calls, self.weights_seen = signal_at_call, 0, []
 
     def no_weight_decay(self):
@@ -81,6 +83,8 @@ class ToyTask(nn.Module):
         loss = ce + 0.1 * kd
         if call in self.nan_calls or (self.nan_from is not None and call >= self.nan_from):
             loss = loss * float("nan")
+        if call in self.nan_grad_calls:  # adds sqrt(0) = 0, whose gradient is inf * 0 = NaN
+            loss = loss + (self.pos.abs().sum() * 0).sqrt()
         return {"loss": loss, "ce": ce, "kd": kd}
 
 

@@ -276,6 +276,16 @@ def test_nan_steps_are_skipped_and_counted(tmp_path):
     assert math.isfinite(summary["final_metrics"]["loss"])
 
 
+@pytest.mark.parametrize("clip_grad", [None, 1.0])
+def test_steps_with_a_finite_loss_but_nan_gradients_are_skipped(tmp_path, clip_grad):
+    task = W.make_task(nan_grad_calls={2, 3})
+    summary, trainer = W.train(tmp_path, cfg={"accum_steps": 1, "epochs": 1, "clip_grad": clip_grad}, task=task)
+    assert summary["bad_steps"] == 2 and summary["steps"] == 12
+    seen = task.weights_seen
+    assert torch.equal(seen[2], seen[3]) and torch.equal(seen[3], seen[4])
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
 def test_always_nan_raises_diverged_and_keeps_last_good_checkpoint(tmp_path):
     cfg = {"accum_steps": 1, "epochs": 1, "save_every_steps": 2, "max_bad_steps": 3}
     with pytest.raises(TrainingDivergedError, match="3 consecutive steps.*last good checkpoint is .*step_00000004"):

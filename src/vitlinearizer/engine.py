@@ -337,8 +337,12 @@ class Trainer:
         if self.world_size > 1:  # all ranks must skip (and stop) at the same step
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad, stop = (bool(f) for f in flags.tolist())
-        if not bad and cfg.clip_grad:  # grads are synced here, so every rank decides alike
-            bad = not math.isfinite(float(nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)))
+        if not bad:  # grads are synced here, so every rank decides alike
+            # A finite loss can still give inf/NaN gradients (e.g. sqrt at 0): never step on them, clipping or not.
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = (nn.utils.clip_grad_norm_(self.params, cfg.clip_grad) if cfg.clip_grad
+                    else nn.utils.get_total_norm(grads) if grads else torch.zeros(()))
+            bad = not math.isfinite(float(norm))
         w["lr"] = max(self.scheduler.get_last_lr())  # the unscaled lr (layer decay scales the rest down)
         if bad:
             self.bad_steps, self._consecutive_bad = self.bad_steps + 1, self._consecutive_bad + 1
