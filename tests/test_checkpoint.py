@@ -127,6 +127,24 @@ def test_damaged_tensor_bytes_fall_back_with_warning(tmp_path, name):
     assert ckpt.step == 1 and ckpt.model["w"][0, 0] == 1.0
 
 
+def test_a_read_error_is_not_taken_for_damage(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    real_crc = C._crc32
+
+    def failing(path):
+        if path.parent == newest:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_crc(path)
+
+    monkeypatch.setattr(C, "_crc32", failing)
+    # Falling back to step 1 would make the next save delete the intact step 2 as an abandoned continuation.
+    with pytest.raises(OSError, match=r"step_00000002/.* cannot be read \(Input/output error\); it is kept"):
+        load_latest_checkpoint(tmp_path)
+    monkeypatch.setattr(C, "_crc32", real_crc)
+    assert load_latest_checkpoint(tmp_path).step == 2
+
+
 def test_a_checkpoint_written_before_manifests_still_loads(tmp_path):
     path = _save(tmp_path, 1)
     (path / MANIFEST_FILE).unlink()

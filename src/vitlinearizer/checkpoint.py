@@ -326,8 +326,13 @@ def _crc32(path: Path) -> int:
 def _verify(path: Path, recorded: dict) -> None:
     try:
         size, crc = path.stat().st_size, _crc32(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} is missing") from e
     except OSError as e:
-        raise CheckpointError(f"{path} cannot be read: {e}") from e
+        # Not damage: a storage error (EIO, a lost mount) may pass. Treated as damage, the resume would go back to
+        # an older checkpoint and the next save would delete this intact one as part of an abandoned continuation.
+        raise OSError(e.errno, f"{path} cannot be read ({e.strerror or e}); it is kept: fix the storage, then resume "
+                               "again") from e
     if size != recorded["bytes"]:
         raise CheckpointError(f"{path} is damaged: it holds {size} bytes, {recorded['bytes']} were written")
     if crc != recorded["crc32"]:
@@ -339,6 +344,7 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
 
     Raises:
         CheckpointError: A file is missing, unreadable or damaged.
+        OSError: The storage failed to read a file (not taken for damage).
     """
     path = Path(path)
     m = _STEP_DIR.match(path.name)

@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except yaml.YAMLError as exc:
         print(f"vitlinearizer {args.command}: error: {_yaml_problem(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's, not the input's (a full disk, a storage error): 1, without a traceback
+        print(f"vitlinearizer {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except TrainingDivergedError as exc:  # the run failed, not its input: 1, as for any other failure
         print(f"vitlinearizer {args.command}: error: {exc}", file=sys.stderr)
         return 1
