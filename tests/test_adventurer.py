@@ -149,6 +149,20 @@ def test_safetensors_round_trip_through_timm(tmp_path):
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
+def test_a_training_tasks_state_dict_loads_its_student_only(tmp_path):
+    # A Trainer checkpoint's model.safetensors holds the task: the student under "student." beside the
+    # distillation predictor, which the classifier must not be offered.
+    task = torch.nn.Module()
+    task.student = timm.create_model("adventurer_nano_patch4_28", use_mask_token=True).eval()
+    task.predictor = torch.nn.Linear(task.student.embed_dim, 48)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(task.state_dict(), str(path))
+    loaded = timm.create_model("adventurer_nano_patch4_28", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(1, 3, 28, 28)
+    torch.testing.assert_close(loaded(x), task.student(x), rtol=0, atol=0)
+
+
 def test_distilled_checkpoint_with_mask_token_loads_as_classifier(tmp_path):
     student = timm.create_model("adventurer_nano_patch4_28", use_mask_token=True).eval()
     path = tmp_path / "distilled.safetensors"

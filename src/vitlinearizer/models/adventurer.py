@@ -368,9 +368,13 @@ def checkpoint_filter_fn(state_dict: dict, model: Adventurer, grid: tuple[int, i
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
             break
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if any(k.startswith("student.") for k in state_dict):
+        # A training task's state dict (a Trainer checkpoint's model.safetensors): the student, without the task's
+        # own parameters (the distillation predictor, a teacher).
+        state_dict = {k.removeprefix("student."): v for k, v in state_dict.items() if k.startswith("student.")}
     out = {}
     for k, v in state_dict.items():
-        k = k.removeprefix("module.").removeprefix("student.")
         if k == "pos_embed":
             n = v.shape[1] - 1
             same_shape = v.shape == model.pos_embed.shape
