@@ -85,7 +85,7 @@ class Preset:
 
 
 PRESETS = {
-    # <= 15 min on 2 CPU cores (measured: docs/results.md), in the paper's regime at small scale: a teacher that
+    # ~11 min on 2 CPU cores (measured: docs/results.md), in the paper's regime at small scale: a teacher that
     # saw more labelled images (one epoch of a class-balanced 16k subset) than the students get (1,000 images, 8
     # distillation + 8 fine-tuning epochs against 16 from scratch), a 5k class-balanced test subset, a 2% holdout.
     # With 8,000 student images for as many steps, the scratch student overtook the distilled one by 2.7 points;
@@ -182,7 +182,7 @@ def preset_label(name: str, preset: Preset) -> str:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: ~15 min on 2 CPU cores; full: ablation + mixers + 3 seeds (hours); tiny: smoke test")
+                        help="quick: ~11 min on 2 CPU cores; full: ablation + mixers + 3 seeds (hours); tiny: smoke test")
     parser.add_argument("--output-dir", default="runs/demo", help="run directory of the demo")
     # SUPPRESS: no "(default: None)" in --help where unset means something else; read with getattr(args, key, None).
     parser.add_argument("--teacher-weights", metavar="FILE", default=argparse.SUPPRESS,
