@@ -213,6 +213,23 @@ def test_auto_uses_chunked_on_cpu():
     torch.testing.assert_close(linear_recurrence(q, k, v, a), linear_recurrence(q, k, v, a, impl="chunked"))
 
 
+def test_auto_takes_fla_only_for_dtypes_triton_computes(monkeypatch):
+    import vitlinearizer.ops as ops
+
+    monkeypatch.setattr(ops, "fla_available", lambda device: True)  # as on a CUDA machine with fla-core
+    cuda = torch.device("cuda")
+    assert [ops.resolve_impl("auto", cuda, d) for d in (torch.float32, torch.bfloat16, torch.float16)] == ["fla"] * 3
+    assert ops.resolve_impl("auto", cuda, torch.float64) == "chunked"
+    assert ops.resolve_impl("fla", cuda, torch.float64) == "fla"  # asked for by name: not second-guessed
+    chosen = []
+    monkeypatch.setattr(ops, "_dispatch", lambda impl, *args: chosen.append(impl) or (None, None))
+    q, k, v, a = (t.detach().double() for t in make_inputs(1, 20, 2, 4, 4, per_channel=False))
+    linear_recurrence(q, k, v, a)
+    linear_recurrence(q, k, v.float(), a)  # the wider of q's and v's dtypes decides
+    linear_recurrence(q.float(), k.float(), v.float(), a.float())
+    assert chosen == ["chunked", "chunked", "fla"]
+
+
 @pytest.mark.parametrize("mutate,match", [
     (lambda q, k, v, a: (q[..., :-1], k, v, a), "same shape"),
     (lambda q, k, v, a: (q, k, v[:, :-1], a), r"share \(B, L\)"),

@@ -5,8 +5,9 @@ One entry point, :func:`linear_recurrence`, several implementations with one sig
 - ``naive``: float32/64 loop over tokens, the reference;
 - ``chunked``: pure PyTorch, quadratic inside chunks and state passing between them (CPU default);
 - ``step``: one token at a time from a carried state (recurrent inference);
-- ``fla``: flash-linear-attention Triton kernels on CUDA (optional, imported lazily);
-- ``auto``: ``fla`` on CUDA when available, else ``chunked``.
+- ``fla``: flash-linear-attention Triton kernels on CUDA (optional, imported lazily); they take q, k, v in
+  their own dtype (bf16 under autocast: tensor cores) and accumulate, decay and carry the state in float32;
+- ``auto``: ``fla`` on CUDA when available for float32/bf16/fp16 inputs, else ``chunked``.
 """
 from __future__ import annotations
 
@@ -23,13 +24,18 @@ IMPLEMENTATIONS = ("auto", "naive", "chunked", "step", "fla")
 __all__ = ["linear_recurrence", "recurrent_step", "IMPLEMENTATIONS", "resolve_impl"]
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map ``auto`` to the fastest implementation available on ``device``."""
+_FLA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Map ``auto`` to the fastest implementation available on ``device`` for inputs of ``dtype``."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown recurrence impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl != "auto":
         return impl
-    return "fla" if fla_available(device) else "chunked"
+    # Triton has no float64 dots: a float64 model (gradcheck, a reference) takes the chunked path on CUDA too.
+    fla_dtype = dtype is None or dtype in _FLA_DTYPES
+    return "fla" if fla_dtype and fla_available(device) else "chunked"
 
 
 def linear_recurrence(
@@ -61,7 +67,7 @@ def linear_recurrence(
     check_recurrence_inputs(q, k, v, log_decay, initial_state)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"linear_recurrence: chunk_size must be a positive int, got {chunk_size!r}")
-    impl = resolve_impl(impl, q.device)
+    impl = resolve_impl(impl, q.device, torch.promote_types(q.dtype, v.dtype))
     if q.numel() == 0 or v.numel() == 0:  # nothing to compute (empty batch or sequence): the reference loop,
         impl = "naive"  # which also passes the state through
     # Every path computes in (at least) float32 by itself; autocast would put its matmuls back in bf16/fp16.
