@@ -39,7 +39,7 @@ def outputs_and_grads(fn, ins, seed=1):
     return y, s, torch.autograd.grad((y * dy).sum() + (s * ds).sum(), ins)
 
 
-@pytest.mark.parametrize("method", ["factored", "exact"])
+@pytest.mark.parametrize("method", ["auto", "exact"])
 @pytest.mark.parametrize("per_channel,groups", [(False, 1), (False, 2), (True, 4)], ids=["head_g1", "head_g2", "chan"])
 @pytest.mark.parametrize("length,chunk", [(1, 8), (37, 8), (300, 8)])  # 300/8 = 38 chunks
 def test_chunked_methods_match_naive(method, per_channel, groups, length, chunk):
@@ -297,7 +297,7 @@ def test_factored_chunk_carry_with_and_without_autograd(groups, per_channel):
     ins = inputs(2, 150, 4, groups, 5, 3, per_channel, seed=4)  # 19 chunks of 8
     ref = outputs_and_grads(lambda *t: linear_recurrence(*t[:4], initial_state=t[4], return_final_state=True,
                                                           impl="naive"), ins)
-    got = outputs_and_grads(lambda *t: chunked_linear_recurrence(*t[:4], t[4], True, 8, method="factored"), ins)
+    got = outputs_and_grads(lambda *t: chunked_linear_recurrence(*t[:4], t[4], True, 8, method="auto"), ins)
     for a, b in zip([ref[0], ref[1], *ref[2]], [got[0], got[1], *got[2]]):
         assert rel_err(a, b) < 1e-10
     # Without autograd (in-place temporaries), from a given and from a zero state.
@@ -305,5 +305,5 @@ def test_factored_chunk_carry_with_and_without_autograd(groups, per_channel):
         ref_y, ref_s = linear_recurrence(*[t.detach() for t in ins[:4]], initial_state=initial,
                                          return_final_state=True, impl="naive")
         with torch.no_grad():
-            y, s = chunked_linear_recurrence(*[t.detach() for t in ins[:4]], initial, True, 8, method="factored")
+            y, s = chunked_linear_recurrence(*[t.detach() for t in ins[:4]], initial, True, 8, method="auto")
         assert rel_err(ref_y, y) < 1e-10 and rel_err(ref_s, s) < 1e-10

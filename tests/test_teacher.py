@@ -419,7 +419,7 @@ def test_input_renormalisation_matches_manual():
     assert torch.allclose(teacher.normalize_input(data), manual, atol=1e-5)
     assert torch.allclose(teacher(data), ref_logits, atol=1e-4)
     assert torch.allclose(teacher.forward_features_aligned(data, [1]).stages[0], ref_feats.stages[0], atol=1e-4)
-    assert "input_scale" not in teacher.state_dict() and "mean_kd" not in teacher.state_dict()
+    assert "input_scale" not in teacher.state_dict() and "input_shift" not in teacher.state_dict()
     teacher.set_input_normalization()
     assert torch.equal(teacher(manual), ref_logits)
     teacher.set_input_normalization(teacher.mean, teacher.std)

@@ -41,7 +41,7 @@ from torch import nn
 __all__ = [
     "MODEL_FILE", "EMA_FILE", "STATE_FILE", "MANIFEST_FILE", "LATEST_FILE", "Checkpoint", "CheckpointError",
     "CheckpointNoSpaceError", "module_state_for_checkpoint", "save_checkpoint", "list_checkpoints",
-    "verify_checkpoint", "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
+    "load_checkpoint", "load_latest_checkpoint", "export_student", "export_model",
     "read_export_metadata", "pretrained_cfg_overlay", "update_pretrained_cfg", "write_text_atomic",
     "check_output_dir", "check_writable", "save_training_checkpoint", "restore_training_state", "write_bytes_atomic",
     "fsync_path",
@@ -182,7 +182,7 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     _replace_file(Path(path), text.encode())
 
 
-def check_output_dir(path: PathLike, flag: str = "--output_dir") -> None:
+def check_output_dir(path: PathLike, flag: str) -> None:
     """ValueError now if ``path`` is, or lies under, a file: a command would otherwise fail only at its first
     write, after the data and models were built (or, for a benchmark, after the measurements)."""
     for p in (Path(path), *Path(path).parents):
@@ -192,7 +192,7 @@ def check_output_dir(path: PathLike, flag: str = "--output_dir") -> None:
             return
 
 
-def check_writable(path, flag: str = "--output-dir") -> None:
+def check_writable(path: PathLike, flag: str) -> None:
     """ValueError now if no file can be created in ``path`` (or, when it does not exist yet, in the directory it
     would be created in): the outputs are written only after the measurements. A real file is tried, since
     permission bits do not tell for root or a read-only mount."""
@@ -369,11 +369,6 @@ def load_checkpoint(path: PathLike) -> Checkpoint:
             raise CheckpointError(f"{path} is incomplete: {EMA_FILE} is missing")
         ema = _load_safetensors(path / EMA_FILE)
     return Checkpoint(path=path, step=int(m.group(1)), model=model, ema=ema, state=state)
-
-
-def verify_checkpoint(path: PathLike) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete, readable checkpoint."""
-    load_checkpoint(path)
 
 
 def load_latest_checkpoint(root: PathLike) -> Optional[Checkpoint]:

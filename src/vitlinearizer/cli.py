@@ -312,7 +312,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         runner.resolve_device(cfg.device)  # an unknown device fails now, not after the data and models are built
         run_dir = cfg.output_dir.rstrip("/") + "-dry-run" if args.dry_run else cfg.output_dir
-        check_output_dir(run_dir)
+        check_output_dir(run_dir, "--output_dir")
         check_writable(run_dir, "--output_dir")  # else a PermissionError traceback once the data and models are built
         if args.dry_run:
             warnings.filterwarnings("ignore", message="teacher.weights is not set")

@@ -255,11 +255,10 @@ class Teacher(nn.Module):
         if weights is not None:
             self._load_weights(Path(weights), ignore_head, prefer_ema)
         self.model.requires_grad_(False)
-        # Non-persistent: derived from pretrained_cfg / the data pipeline, not learned state.
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (self.mean, self.std))
-        for name, buf in (("mean_kd", mean), ("std_kd", std), ("input_scale", torch.ones_like(mean)),
-                          ("input_shift", torch.zeros_like(mean))):
-            self.register_buffer(name, buf, persistent=False)
+        # Non-persistent: set from the data pipeline's statistics (set_input_normalization), not learned state.
+        channels = len(self.mean)
+        self.register_buffer("input_scale", torch.ones(1, channels, 1, 1), persistent=False)
+        self.register_buffer("input_shift", torch.zeros(1, channels, 1, 1), persistent=False)
         self._renormalize = False
         self.train(False)
 

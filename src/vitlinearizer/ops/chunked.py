@@ -53,7 +53,7 @@ MIN_FACTORED_CHUNK = 32
 # NaN (-inf - -inf) and a huge finite value into lost precision for every later token of the chunk (the
 # differences of large sums), while the naive and step paths handle both.
 LOG_DECAY_FLOOR = -110.0
-METHODS = ("auto", "exact", "factored")
+METHODS = ("auto", "exact")
 
 
 def _grad_needed(*tensors) -> bool:
@@ -407,8 +407,7 @@ def chunked_linear_recurrence(
     """Args and returns as :func:`vitlinearizer.ops.linear_recurrence`; ``chunk_size`` defaults per decay kind
     and is the largest chunk used (the factored method halves it where a chunk's decay span is too large).
 
-    ``method``: ``auto`` (factored when safe, else exact), ``exact`` or ``factored`` (still falls back to
-    exact for a chunk span above ``MAX_FACTORED_SPAN`` at every allowed chunk size). Computes in float32 for
+    ``method``: ``auto`` (factored where safe, else exact) or ``exact``. Computes in float32 for
     lower-precision inputs (the recurrence state is never kept in bf16/fp16).
     """
     if method not in METHODS:
