@@ -356,6 +356,22 @@ def test_logit_kd_grad_and_bad_inputs():
         logit_kd_loss(s, t, 0.0)
 
 
+def test_logit_kd_with_classes_the_teacher_rules_out():
+    # A teacher logit of -inf (a class masked out) has probability 0: it contributes nothing, as if absent.
+    s = _rand(3, 5, seed=162, requires_grad=True)
+    t = _rand(3, 5, seed=163)
+    t[:, 1] = float("-inf")
+    loss = logit_kd_loss(s, t, 2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    keep = [0, 2, 3, 4]
+    # Without the class the student's softmax renormalises, so compare with the closed form directly.
+    p = torch.softmax(t / 2.0, -1)[:, keep]
+    log_q = torch.log_softmax(s.detach() / 2.0, -1)[:, keep]
+    expected = (p * (p.log() - log_q)).sum(-1).mean() * 4.0
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
 def _saved_numel(fn):
     """Distinct storage (in elements) autograd saves for backward while running fn."""
     storages = {}

@@ -288,5 +288,7 @@ def logit_kd_loss(
     with _no_autocast(student_logits.device):
         log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
         log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        # A class the teacher rules out (logit -inf, p = 0) adds 0, not 0 * (-inf) = NaN.
+        gap = torch.where(torch.isneginf(log_p), 0.0, log_p - log_q)
+        kl = (log_p.exp() * gap).sum(-1)
         return kl.mean() * temperature**2

@@ -365,7 +365,9 @@ def _draw_curves(run_dir: Path, test: dict | None = None) -> str | None:
 def resolve_student(cfg: RunConfig) -> RunConfig:
     """The config with the student's architecture taken from ``student.checkpoint``'s export metadata, where the
     config leaves it at the default: a distilled student is fine-tuned as what it is, without repeating its
-    model, mixer and model_kwargs. Options set in the config take precedence (and must fit the weights)."""
+    model, mixer and model_kwargs. A model or mixer other than the default, and every model_kwargs key the config
+    sets, take precedence (and must fit the weights); the default model or mixer, even when given explicitly, is
+    read as "not set" and yields to the file's."""
     path = cfg.student.checkpoint
     meta = read_export_metadata(path) if path and Path(path).is_file() else None
     if not meta or "model" not in meta:
