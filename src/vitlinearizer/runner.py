@@ -18,6 +18,7 @@ from pathlib import Path
 
 import safetensors
 import timm
+from timm.layers import to_2tuple
 import torch
 import torch.nn as nn
 import yaml
@@ -31,7 +32,7 @@ from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, c
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
-from .models.adventurer import checkpoint_filter_fn, patch_grid, timm_pair
+from .models.adventurer import checkpoint_filter_fn, patch_grid
 from .seeding import derive_seed, seed_all
 from .teacher import Teacher, load_state_dict_safely, pixels_per_token
 
@@ -57,11 +58,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _img_size(data: DataConfig) -> tuple[int, int]:
-    size = data.img_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataConfig, info: dict) -> dict:
     return {
         "kind": kind,
@@ -69,7 +65,7 @@ def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataCon
         "model_kwargs": model_kwargs,
         "num_classes": info["num_classes"],
         "classes": list(info["class_names"]),
-        "img_size": list(_img_size(data)),
+        "img_size": list(to_2tuple(data.img_size)),
         "mean": list(info["mean"]),
         "std": list(info["std"]),
         "interpolation": data.interpolation,
@@ -104,7 +100,7 @@ _REBUILD_KEYS = ("model", "num_classes", "img_size")
 def _model_for(meta: dict) -> nn.Module:
     """The (untrained) model an export description names, at the resolution it was trained at: the position
     embedding in the file has that grid's size."""
-    kwargs = {"img_size": timm_pair(meta["img_size"]), **meta.get("model_kwargs", {})}
+    kwargs = {"img_size": to_2tuple(meta["img_size"]), **meta.get("model_kwargs", {})}
     return timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
 
 
@@ -396,14 +392,14 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
     kwargs.update(mixer=cfg.student.mixer, drop_path_rate=cfg.student.drop_path_rate)
     try:
         with _model_kwargs_checked("student.model_kwargs", cfg.student.model, cfg.student.model_kwargs):
-            model = timm.create_model(cfg.student.model, num_classes=num_classes, img_size=_img_size(cfg.data),
+            model = timm.create_model(cfg.student.model, num_classes=num_classes, img_size=to_2tuple(cfg.data.img_size),
                                       use_mask_token=use_mask_token, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise ValueError(f"student.model {cfg.student.model!r} is unknown; choose one of "
                              f"{', '.join(timm.list_models('adventurer*'))}") from exc
         raise
-    model.patch_grid(*_img_size(cfg.data))  # a resolution that does not fit the patch size fails here
+    model.patch_grid(*to_2tuple(cfg.data.img_size))  # a resolution that does not fit the patch size fails here
     model.set_grad_checkpointing(cfg.student.grad_checkpointing)
     if cfg.student.checkpoint:
         state = load_state_dict_safely(cfg.student.checkpoint, model_keys=model.state_dict().keys(),
@@ -433,7 +429,7 @@ def build_teacher(cfg: RunConfig, num_classes: int, data_mean, data_std) -> Teac
     if not cfg.teacher.weights:
         warnings.warn("teacher.weights is not set: distilling from a randomly initialised teacher", stacklevel=2)
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
-        teacher = Teacher(cfg.teacher.model, weights=cfg.teacher.weights, img_size=_img_size(cfg.data),
+        teacher = Teacher(cfg.teacher.model, weights=cfg.teacher.weights, img_size=to_2tuple(cfg.data.img_size),
                           num_classes=num_classes, ignore_head=cfg.teacher.ignore_head,
                           prefer_ema=cfg.teacher.prefer_ema, **cfg.teacher.model_kwargs)
     teacher.set_input_normalization(data_mean, data_std)
@@ -463,12 +459,12 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
-        model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=_img_size(cfg.data),
+        model = timm.create_model(cfg.teacher.model, num_classes=info["num_classes"], img_size=to_2tuple(cfg.data.img_size),
                                   **cfg.teacher.model_kwargs)
     patch = pixels_per_token(model)
     if patch is not None:  # timm's ViT crops what does not fill a patch, silently; the student refuses it
         try:
-            patch_grid(*_img_size(cfg.data), tuple(patch))
+            patch_grid(*to_2tuple(cfg.data.img_size), tuple(patch))
         except ValueError as exc:
             raise ValueError(f"data.img_size for teacher {cfg.teacher.model}: {exc}") from None
     task = ClassificationTask(model, label_smoothing=cfg.finetune.label_smoothing)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed, RmsNorm, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, RmsNorm, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -99,7 +99,7 @@ class Adventurer(nn.Module):
             ])
             # timm reports one reduction per feature map; a non-square patch reports its larger side, as timm's ViT
             # does.
-            reduction = max(timm_pair(patch_size))
+            reduction = max(to_2tuple(patch_size))
             self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
                                  for i in range(depth)]
             self.norm = RmsNorm(embed_dim, eps=norm_eps)
@@ -164,10 +164,10 @@ class Adventurer(nn.Module):
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size=None) -> None:
         """Change the native resolution: the position embedding is resampled once and stored at the new grid."""
-        if patch_size is not None and tuple(timm_pair(patch_size)) != tuple(self.patch_embed.patch_size):
+        if patch_size is not None and tuple(to_2tuple(patch_size)) != tuple(self.patch_embed.patch_size):
             raise ValueError("Adventurer cannot change its patch size after creation; create a new model instead")
         if img_size is not None:
-            self.patch_grid(*timm_pair(img_size))
+            self.patch_grid(*to_2tuple(img_size))
         old_grid = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size)
         new_grid = self.patch_embed.grid_size
@@ -337,10 +337,6 @@ def patch_grid(height: int, width: int, patch_size: tuple[int, int]) -> tuple[in
     return height // ph, width // pw
 
 
-def timm_pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
 def _source_grid(model: nn.Module, positions: int, recorded_only: bool) -> tuple[int, int] | None:
     """The checkpoint's patch grid from what timm knows of its source: the ``img_size`` a timm export records
     (``save_for_hf``'s config.json, read back by ``local-dir:`` / ``hf-hub:`` into ``model.pretrained_model_args``)
@@ -349,10 +345,10 @@ def _source_grid(model: nn.Module, positions: int, recorded_only: bool) -> tuple
     size = (getattr(model, "pretrained_model_args", None) or {}).get("img_size")
     if size is None and not recorded_only:
         size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None, None, None))[1:]
-    if size is None or None in timm_pair(size):
+    if size is None or None in to_2tuple(size):
         return None
     ph, pw = model.patch_embed.patch_size
-    height, width = timm_pair(size)
+    height, width = to_2tuple(size)
     grid = (height // ph, width // pw)
     return grid if grid[0] * grid[1] == positions else None
 
