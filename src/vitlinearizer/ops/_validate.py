@@ -70,7 +70,9 @@ def check_log_decay_sign(log_decay: torch.Tensor, caller: str, name: str = "log_
     an AMP overflow still reaches the loss scaler instead of crashing the run.
 
     Checked on CPU only: on an accelerator, reading the answer back would synchronise the device on every call
-    (every token of step-by-step inference). The mixers' decays are <= 0 by construction."""
+    (every token of step-by-step inference). The mixers' decays are <= 0 by construction. (The chunked kernel's
+    own choices, its span guard and overflow check, do read back on an accelerator: two syncs per call, which is
+    why CUDA takes fla when it is installed.)"""
     # Data-dependent: a graph being captured cannot branch on it, and meta tensors carry no values.
     if log_decay.device.type != "cpu" or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return
