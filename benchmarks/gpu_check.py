@@ -1,9 +1,9 @@
 """Correctness of the GPU recurrence paths: impl='fla' and impl='chunked' on CUDA against the naive loop.
 
-For per-head (Mamba-2) and per-channel (GLA) decays, odd lengths, with and without a carried state, in
+For per-head (Mamba-2), per-channel (GLA) and scalar-state (HGRN: N = P = 1, one head per channel) recurrences, odd lengths, with and without a carried state, in
 float32 and bfloat16 inputs, it compares outputs, final states and the gradients of q, k, v, log_decay and
 the initial state with the naive float32 loop (relative RMS error, as fla's own tests measure it), and
-times each path once at a Mamba-2 Adventurer-S shape. Writes ``gpu_check_<device>.json`` and exits 1 if a
+times each path once at Adventurer-S shapes of each kind. Writes ``gpu_check_<device>.json`` and exits 1 if a
 check fails.
 
 ``--dry-run`` runs the same code on the CPU at tiny sizes (no fla): what tests/test_bench.py exercises, so
@@ -22,6 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from vitlinearizer.ops import linear_recurrence  # noqa: E402
 from vitlinearizer.ops.fla_bridge import fla_available  # noqa: E402
+
+# (heads, groups, key_dim, value_dim, per_channel) per kind of recurrence, for real runs and for --dry-run.
+KINDS = {
+    "per_head": ((16, 1, 64, 64, False), (4, 1, 8, 8, False)),  # Mamba-2, Adventurer-S
+    "per_channel": ((16, 16, 64, 64, True), (4, 4, 8, 8, True)),  # GLA
+    "scalar": ((384, 1, 1, 1, False), (6, 1, 1, 1, False)),  # HGRN at width 384: fla's element-wise kernel
+}
 
 # Relative RMS error bounds vs the float32 naive loop (fla's tests use ~1e-3..5e-3 for fp32, more for bf16).
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
@@ -58,21 +65,19 @@ def run_impl(impl, inputs, seed=1):
 
 def check(device: str, impls: list[str], dry: bool) -> list[dict]:
     names = ["q", "k", "v", "log_decay", "initial_state"]
-    heads, groups = (4, 1) if dry else (16, 1)
-    dims = (8, 8) if dry else (64, 64)
     lengths = [1, 37] if dry else [1, 63, 197, 1025]
     cases = []
-    for per_channel in (False, True):
-        g = heads if per_channel else groups
+    for kind, shapes in KINDS.items():
+        heads, groups, key_dim, value_dim, per_channel = shapes[1 if dry else 0]
         for length in lengths:
             for with_state in (False, True):
                 for dtype in (torch.float32, torch.bfloat16):
-                    inputs = make_case(2, length, heads, g, *dims, per_channel, device, dtype, with_state,
-                                       seed=length)
+                    inputs = make_case(2, length, heads, groups, key_dim, value_dim, per_channel, device, dtype,
+                                       with_state, seed=length)
                     ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
                     y_ref, s_ref, g_ref = run_impl("naive", ref_inputs)
                     for impl in impls:
-                        entry = dict(impl=impl, per_channel=per_channel, length=length, with_state=with_state,
+                        entry = dict(impl=impl, kind=kind, length=length, with_state=with_state,
                                      dtype=str(dtype).replace("torch.", ""))
                         try:
                             y, s, grads = run_impl(impl, inputs)
@@ -89,10 +94,9 @@ def check(device: str, impls: list[str], dry: bool) -> list[dict]:
 def timings(device: str, impls: list[str], dry: bool) -> list[dict]:
     out = []
     length = 65 if dry else 4097
-    for per_channel in (False, True):
-        heads, g, dims = (4, 4 if per_channel else 1, (8, 8)) if dry else (16, 16 if per_channel else 1, (64, 64))
+    for kind, shapes in KINDS.items():
         for dtype in (torch.float32, torch.bfloat16):
-            inputs = [t.detach() for t in make_case(1, length, heads, g, *dims, per_channel, device, dtype, False, 0)]
+            inputs = [t.detach() for t in make_case(1, length, *shapes[1 if dry else 0], device, dtype, False, 0)]
             for impl in impls:
                 try:
                     with torch.inference_mode():
@@ -106,10 +110,10 @@ def timings(device: str, impls: list[str], dry: bool) -> list[dict]:
                             if device == "cuda":
                                 torch.cuda.synchronize()
                             best = min(best, time.perf_counter() - start)
-                    out.append(dict(impl=impl, per_channel=per_channel, length=length,
+                    out.append(dict(impl=impl, kind=kind, length=length,
                                     dtype=str(dtype).replace("torch.", ""), min_ms=best * 1e3))
                 except Exception as exc:
-                    out.append(dict(impl=impl, per_channel=per_channel, error=f"{type(exc).__name__}: {exc}"[:300]))
+                    out.append(dict(impl=impl, kind=kind, error=f"{type(exc).__name__}: {exc}"[:300]))
     return out
 
 

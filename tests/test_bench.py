@@ -127,6 +127,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu_check_cpu_dry.json").read_text())
     assert result["impls"] == ["chunked"] and not result["failed"] and result["passed"] == len(result["cases"]) > 0
     assert any(t["impl"] == "naive" for t in result["timings"])
+    assert {c["kind"] for c in result["cases"]} == {t["kind"] for t in result["timings"]} == {"per_head", "per_channel", "scalar"}
 
 
 def test_ops_benchmark_and_distill_cost_smoke(tmp_path):
