@@ -286,6 +286,20 @@ def test_steps_with_a_finite_loss_but_nan_gradients_are_skipped(tmp_path, clip_g
     assert all(torch.isfinite(p).all() for p in trainer.params)
 
 
+def test_a_failing_evaluation_keeps_the_epochs_training(tmp_path, reference):
+    def failing_eval(model):
+        raise RuntimeError("holdout unreadable")
+
+    cfg = {"save_every_steps": 0}  # without the fix, nothing would have been saved before the evaluation
+    with pytest.raises(RuntimeError, match="holdout unreadable"):
+        W.train(tmp_path, cfg=cfg, eval_fn=failing_eval)
+    assert load_latest_checkpoint(tmp_path).step == 6  # the end of epoch 1 (48 samples, 4 x 2 per step)
+    W.train(tmp_path, resume=True, cfg=cfg)
+    model, ema = W.final_state(tmp_path)
+    assert_same(model, reference[0])
+    assert_same(ema, reference[1])
+
+
 def test_always_nan_raises_diverged_and_keeps_last_good_checkpoint(tmp_path):
     cfg = {"accum_steps": 1, "epochs": 1, "save_every_steps": 2, "max_bad_steps": 3}
     with pytest.raises(TrainingDivergedError, match="3 consecutive steps.*last good checkpoint is .*step_00000004"):

@@ -305,7 +305,15 @@ class Trainer:
                 del batches  # shut workers down before the next epoch starts new ones
             if self.step_in_epoch == self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self._evaluate()
+                try:
+                    self._evaluate()
+                except Exception:
+                    # The epoch's training is kept even when its evaluation fails (a bad holdout file, out of
+                    # memory): a resume goes on from here. Not under DDP, where saving is collective and the other
+                    # ranks wait in the evaluation's barrier.
+                    if self.world_size == 1:
+                        self._save(force=True)
+                    raise
                 self._save()
             if stop:
                 self._save(force=True)
