@@ -130,7 +130,7 @@ HELP = {
     "train.log_every": "log metrics every N steps",
     "train.save_checkpoints": "write checkpoints (false: none, and no resume; for dry runs)",
     "train.save_every_steps": "also checkpoint every N steps (0: at epoch ends only)",
-    "train.max_bad_steps": "stop after this many consecutive non-finite losses",
+    "train.max_bad_steps": "stop after this many consecutive skipped steps (non-finite loss or gradient)",
     "train.keep_checkpoints": "checkpoints kept on disk",
     "train.drop_last": "drop the last incomplete batch of an epoch",
     "train.progress": "show a progress bar",
