@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .checkpoint import read_export_metadata, update_pretrained_cfg
-from .models.adventurer import Adventurer
+from .models.adventurer import Adventurer, nearest_patch_multiple
 
 __all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "pixels_per_token", "TeacherOutput", "Teacher"]
 
@@ -483,9 +483,8 @@ class Teacher(nn.Module):
     def _fit_to_patch_size(self, images: torch.Tensor) -> torch.Tensor:
         """Resize to the nearest multiple of the teacher's patch size: a /14 teacher and a /16 student cannot
         both tile every resolution (e.g. 64 px), and the token grids are resampled to the student's anyway."""
-        ph, pw = self.patch_size
         h, w = images.shape[-2:]
-        size = (max(ph, round(h / ph) * ph), max(pw, round(w / pw) * pw))
+        size = nearest_patch_multiple(h, w, self.patch_size)
         if size == (h, w):
             return images
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -324,12 +324,18 @@ class Adventurer(nn.Module):
         return take_indices
 
 
+def nearest_patch_multiple(height: int, width: int, patch_size: tuple[int, int]) -> tuple[int, int]:
+    """The input size closest to (height, width) that the patch size tiles (at least one patch per side)."""
+    ph, pw = patch_size
+    return max(ph, round(height / ph) * ph), max(pw, round(width / pw) * pw)
+
+
 def patch_grid(height: int, width: int, patch_size: tuple[int, int]) -> tuple[int, int]:
     """Token grid of any patch-embedding model for an input size; a clear error when a side is not a multiple
     of the patch size (timm's ViT would silently crop it)."""
     ph, pw = patch_size
     if height % ph or width % pw:
-        fit = (max(ph, round(height / ph) * ph), max(pw, round(width / pw) * pw))
+        fit = nearest_patch_multiple(height, width, patch_size)
         raise ValueError(
             f"input size {height}x{width} is not a multiple of the patch size {ph}x{pw}; "
             f"resize or crop to a multiple, e.g. {fit[0]}x{fit[1]}"
