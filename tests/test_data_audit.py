@@ -39,3 +39,24 @@ def test_exif_rotated_photos_load_upright(tmp_path):
     x, label = test[[p for p, _ in test.samples].index(str(tmp_path / "val" / "portrait" / "phone.jpg"))]
     assert test.classes[label] == "portrait"
     assert x[0, :15].mean() > 0.8 and x[2, :15].mean() < 0.2 and x[2, 25:].mean() > 0.8
+
+
+def test_file_names_that_are_not_utf8_split_and_load(tmp_path):
+    import os
+    import warnings
+
+    # Latin-1 names (old archives): Linux hands them to Python with surrogate escapes.
+    root = os.fsencode(tmp_path)
+    for split in (b"train", b"val"):
+        for label in (b"a", b"b"):
+            os.makedirs(root + b"/" + split + b"/" + label)
+            for i in range(4):
+                name = os.fsdecode(root + b"/" + split + b"/" + label + b"/caf\xe9%d.png" % i)
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(name)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), img_size=8, holdout_fraction=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, holdout = build_dataset(cfg, "train"), build_dataset(cfg, "holdout")
+    assert len(train) + len(holdout) == 8 and len(holdout) == 2
+    assert train[0][0].shape == (3, 8, 8)
+    assert train.listing_fingerprint() == build_dataset(cfg, "train").listing_fingerprint()

@@ -274,3 +274,16 @@ def test_gap_table_pairs_each_distilled_student_with_the_scratch_student_of_its_
     lines = table.splitlines()
     assert lines[2] == "| Distilled student, act + mask (mamba2) | 2 | +1.50 ± 0.71 | +2.50 ± 0.71 | -1.50 ± 0.71 |"
     assert "| Distilled student, mask only (mamba2) | 1 | — | +1.00 | -3.00 |" in lines
+
+
+def test_the_report_counts_a_torch_checkpoint_teachers_parameters(tmp_path):
+    # --teacher-weights may be a .pth: the report must not read it as safetensors (it crashed after every stage ran).
+    import safetensors.torch
+    import torch
+
+    from vitlinearizer.report import _param_count
+
+    state = {"w": torch.zeros(3, 4), "b": torch.zeros(4), "mask_token": torch.zeros(1, 1, 4)}
+    torch.save({"state_dict": state}, tmp_path / "teacher.pth")
+    safetensors.torch.save_file(state, str(tmp_path / "teacher.safetensors"))
+    assert _param_count(tmp_path / "teacher.pth") == _param_count(tmp_path / "teacher.safetensors") == 16

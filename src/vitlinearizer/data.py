@@ -200,7 +200,9 @@ class VisionDataset(Dataset, abc.ABC):
         the same seed draws the same images only from the same list: an export records it, and ``eval --split
         holdout`` checks that the data still gives it."""
         listing = "".join(f"{self._key_name(key)}\t{target}\n" for key, target in zip(self.keys, self.targets.tolist()))
-        return {"files": len(self), "digest": hashlib.sha256(listing.encode()).hexdigest()[:16]}
+        # surrogateescape: a file name that is not UTF-8 (Latin-1 from an old archive) arrives with surrogates.
+        digest = hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return {"files": len(self), "digest": digest}
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.targets, minlength=self.num_classes)

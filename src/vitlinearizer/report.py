@@ -17,7 +17,12 @@ from .curves import read_metrics
 
 
 def _param_count(path: Path) -> int:
-    with safetensors.safe_open(str(path), "pt") as f:
+    if path.suffix != ".safetensors":  # a teacher given as a torch checkpoint (--teacher-weights x.pth)
+        from .teacher import load_state_dict_safely
+
+        state = load_state_dict_safely(path)
+        return sum(v.numel() for k, v in state.items() if k != "mask_token")
+    with safetensors.safe_open(str(path), "pt") as f:  # shapes only: no tensor is read
         return sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys() if k != "mask_token")
 
 
