@@ -318,6 +318,8 @@ def test_resume_reproduces_uninterrupted_run(pipeline, tmp_path):
     (["--distill.mask_ratio", "1.5"], r"mask_ratio must be in \(0, 1\)"),
     (["--distill.objective", "kd"], "objective must be one of"),
     (["--student.mixer", "rwkv"], "unknown mixer 'rwkv'"),
+    # timm's train-only "random" used to pass, train, and fail with a bare KeyError at the final test.
+    (["--data.interpolation", "random"], r"data.interpolation must be one of \('nearest', 'bilinear', 'bicubic'"),
     (["--data.img_size", "30"], "not a multiple of the patch size"),
     (["--train.batch_size", "64"], "too small for one step of batch_size=64"),
 ])

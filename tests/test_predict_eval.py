@@ -400,3 +400,22 @@ def test_evaluation_builds_no_autograd_graph(tmp_path):
     data = DataConfig(name="synthetic", img_size=28, num_classes=3, synthetic_length=8)
     evaluate_classifier(model, build_dataset(data, "test"), batch_size=4)
     assert grad_enabled == [False, False]
+
+
+def test_eval_leaves_the_callers_data_config_as_given(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate_classifier",
+                        lambda model, ds, batch_size, amp: seen.append(ds.transform) or {"n": len(ds)})
+    small = _export(tmp_path / "small.safetensors", mean=[0.5, 0.5, 0.5])
+    large = _export(tmp_path / "large.safetensors", data=DataConfig(name="synthetic", img_size=56, num_classes=3),
+                    mean=[0.2, 0.2, 0.2])
+    data = DataConfig(name="synthetic", num_classes=3, synthetic_length=6)
+    before = repr(data)
+    evaluation.evaluate(small, data)
+    assert repr(data) == before
+    # Reused for another export, the config gives that export's own preprocessing, not the previous one's.
+    evaluation.evaluate(large, data)
+    image = Image.new("RGB", (70, 60), (128, 128, 128))
+    assert seen[-1](image).shape == (3, 56, 56)
+    normalize = seen[-1].transforms[-1]
+    assert torch.allclose(torch.as_tensor(normalize.mean, dtype=torch.float32), torch.tensor([0.2] * 3))

@@ -100,7 +100,7 @@ HELP = {
     "data.auto_augment": "timm auto-augment policy for augment=timm, e.g. rand-m9-mstd0.5-inc1",
     "data.re_prob": "random-erasing probability (augment=timm)",
     "data.crop_pct": "eval centre-crop fraction",
-    "data.interpolation": "resize interpolation",
+    "data.interpolation": "resize interpolation: nearest | bilinear | bicubic | box | hamming | lanczos",
     "data.holdout_fraction": "fraction of the training set held out for validation (never the test set)",
     "data.max_train_samples": "use a class-balanced subset of this many training images",
     "data.max_eval_samples": "use a class-balanced subset of this many evaluation images",

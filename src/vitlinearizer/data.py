@@ -36,6 +36,9 @@ FASHION_MNIST_STD = (0.3530, 0.3530, 0.3530)
 DATASET_NAMES = ("fashion_mnist", "imagefolder", "synthetic")
 AUGMENTS = ("timm", "simple", "none")
 VERIFY_MODES = ("full", "header", "none")
+# timm's resize interpolations for training and evaluation alike (its train-only "random" would fail the eval
+# transform, and an export records one interpolation for eval and predict).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 SPLITS = ("train", "holdout", "test")
 EVAL_SPLIT_DIRS = ("val", "validation", "test")  # ImageFolder's test split: the first of these that exists
 _LAYOUT = "a folder with train/ and val/ (or validation/ or test/)"
@@ -129,6 +132,7 @@ class DataConfig:
             ("mean", self.mean is None or _nums(self.mean, 3, -np.inf), "must be None or 1 or 3 numbers"),
             ("std", self.std is None or _nums(self.std, 3, 1e-12), "must be None or 1 or 3 numbers > 0"),
             ("augment", self.augment in AUGMENTS, f"must be one of {AUGMENTS}"),
+            ("interpolation", self.interpolation in INTERPOLATIONS, f"must be one of {INTERPOLATIONS}"),
             ("verify", self.verify in VERIFY_MODES, f"must be one of {VERIFY_MODES}"),
             ("holdout_fraction", _is_num(self.holdout_fraction) and 0 <= self.holdout_fraction < 1,
              "must be in [0, 1)"),

@@ -7,6 +7,7 @@ without, so both need nothing but the file.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -119,7 +120,8 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
 
     Preprocessing (img_size, mean, std, interpolation, crop_pct) comes from the model's metadata and, for
     ``split="holdout"``, holdout_fraction/seed from the training run's record, except for the data fields named
-    in ``explicit`` (None: the fields that differ from DataConfig's defaults)."""
+    in ``explicit`` (None: the fields that differ from DataConfig's defaults). ``data`` itself is left as given."""
+    data = copy.deepcopy(data)  # filled in from this export: reused for another, it would carry these values
     model, meta = load_exported_model(checkpoint, resolve_device(device))
     _warn_if_untrained_head(checkpoint, meta)
     _export_preprocessing(data, _preprocessing(model, meta), explicit)
