@@ -214,6 +214,9 @@ def test_preset_overrides_replace_student_settings_and_are_named_in_the_label():
     (dict(distill_lr=0.0), r"--distill-lr must be > 0, got 0.0"),
     (dict(finetune_layer_decay=1.5), r"--finetune-layer-decay must be in \(0, 1\]"),
     (dict(distill_cls_weight=-1.0), r"--distill-cls-weight must be >= 0 \(0 = off\), got -1.0"),
+    (dict(seeds=[0, -1]), r"--seeds must be integers >= 0, got -1"),
+    (dict(seeds=[0, 1, 0]), r"--seeds names 0 more than once; give each once"),
+    (dict(mixers=["gla", "gla"]), r"--mixers names gla more than once"),
 ])
 def test_bad_preset_overrides_are_refused_with_the_allowed_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -164,6 +164,15 @@ def resolve_preset(name: str, **overrides) -> Preset:
         bad = [v for v in overrides.get(key, []) if v not in allowed]
         if bad:
             raise ValueError(f"{flag(key)}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(allowed)}")
+    # Checked here, before the teacher trains for minutes: the first student stage would refuse them.
+    negative = [s for s in overrides.get("seeds", []) if s < 0]
+    if negative:
+        raise ValueError(f"--seeds must be integers >= 0, got {', '.join(map(str, negative))}")
+    for key in ("seeds", "objectives", "mixers"):
+        values = overrides.get(key, [])
+        if len(set(values)) != len(values):
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            raise ValueError(f"{flag(key)} names {', '.join(twice)} more than once; give each once")
     if set(overrides.get("objectives", ["both"])) == {"none"}:
         raise ValueError("--objectives: give at least one distillation objective (both, mask or act) besides none")
     preset = PRESETS[name]
