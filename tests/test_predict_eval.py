@@ -164,6 +164,14 @@ def test_predict_expands_a_directory_to_its_images(student, tmp_path, capsys):
     assert main(["predict", "--checkpoint", student, "--json", str(folder)]) == 0
     images = [r["image"] for r in json.loads(capsys.readouterr().out)]
     assert images == [str(folder / "a" / "img0.png"), str(folder / "a" / "img1.png"), str(folder / "b" / "img0.png")]
+    # A symlinked folder (a symlink farm) is walked too, as ImageFolder walks it; a link back up is not followed.
+    _images(tmp_path / "elsewhere", n=2)
+    (folder / "c").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "a" / "up").symlink_to(folder, target_is_directory=True)
+    assert main(["predict", "--checkpoint", student, "--json", str(folder)]) == 0
+    images = [r["image"] for r in json.loads(capsys.readouterr().out)]
+    assert images == [str(folder / name) for name in ("a/img0.png", "a/img1.png", "b/img0.png", "c/img0.png",
+                                                       "c/img1.png")]
     (tmp_path / "empty").mkdir()
     assert main(["predict", "--checkpoint", student, str(tmp_path / "empty")]) == 2
     assert "holds no images" in capsys.readouterr().err

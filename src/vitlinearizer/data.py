@@ -348,7 +348,7 @@ def _eval_split_dir(root: str | os.PathLike) -> str:
     return found
 
 
-def _walk_class_dir(class_dir: Path) -> Iterator[tuple[str, list[str]]]:
+def walk_following_links(class_dir: Path) -> Iterator[tuple[str, list[str]]]:
     """(dirpath, sorted file names) under ``class_dir``, following symlinks (datasets are often symlink farms) but
     entering each real directory once and never one that contains ``class_dir``: a link loop (``a/loop -> ..``)
     would otherwise list images again and again, and pull in the other classes' images under this label."""
@@ -383,7 +383,7 @@ class ImageFolderDataset(VisionDataset):
             warnings.warn(f"{self.split_dir} lacks class folder(s) {missing}", DataWarning, stacklevel=2)
         candidates, ignored = [], []
         for label, name in enumerate(classes):
-            for dirpath, filenames in _walk_class_dir(self.split_dir / name):
+            for dirpath, filenames in walk_following_links(self.split_dir / name):
                 for f in filenames:
                     path = os.path.join(dirpath, f)
                     ok = f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")

@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from .data import DataConfig, build_dataset, build_transform
+from .data import DataConfig, build_dataset, build_transform, walk_following_links
 from .engine import evaluate_classifier
 from .images import IMG_EXTENSIONS, load_rgb
 from .models.adventurer import patch_grid
@@ -173,8 +173,11 @@ def _image_files(images) -> list[str]:
         if not path.is_dir():
             files.append(str(path))
             continue
-        found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)
-                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        # As ImageFolder walks a class folder: into symlinked directories (rglob does not), each once, hidden ones
+        # and files skipped.
+        found = sorted(os.path.join(dirpath, name) for dirpath, names in walk_following_links(path) for name in names
+                       if not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+                       and os.path.isfile(os.path.join(dirpath, name)))
         if not found:
             raise FileNotFoundError(f"directory {path} holds no images ({', '.join(IMG_EXTENSIONS)})")
         files += found
