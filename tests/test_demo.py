@@ -139,6 +139,8 @@ def test_demo_interrupt_resume_and_artefacts(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "| Teacher ViT (patch 4) |" in report and "Distilled student" in report and "from scratch" in report
     assert "| Distilled student | Seeds | − scratch, holdout | − scratch, test | − teacher, test |" in report
+    assert re.search(r"\| teacher \| [0-9.]+ min \| yes \|", report)
+    assert re.search(r"\| distill-both-mamba2-s0 \| [0-9.]+ min \| resumed: this invocation's time only \|", report)
     for png in ("loss_curves.png", "accuracy.png", "latency.png"):
         with Image.open(run_dir / png) as im:
             assert im.size[0] > 100

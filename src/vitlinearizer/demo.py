@@ -308,7 +308,7 @@ def _stage(name: str, run_dir: Path, values: dict, fn, log: list[dict], total: i
     print(f"[demo] {name_at}: {'resuming' if resume else 'starting'} ({stage_dir})")
     t0 = time.perf_counter()
     summary = fn(build_config(values), resume=resume)
-    log.append(dict(stage=name, reused=False, wall_s=time.perf_counter() - t0))
+    log.append(dict(stage=name, reused=False, resumed=resume, wall_s=time.perf_counter() - t0))
     test = f", test top-1 {summary['test']['top1']:.1f}%" if "test" in summary else ""
     print(f"[demo] {name_at}: done in {log[-1]['wall_s'] / 60:.1f} min{test}")
     return summary

@@ -188,7 +188,9 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
             f"{r['speedup']:.2f}x | {r.get('throughput_batch', 32)} | {r['teacher_img_per_s']:.1f} | "
             f"{r['student_img_per_s']:.1f} |")
     stage_rows = ["| Stage | Wall time | Reused |", "|---|---|---|"]
-    stage_rows += [f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {'yes' if s['reused'] else 'no'} |" for s in log]
+    reuse = {(True, False): "yes", (False, False): "no", (False, True): "resumed: this invocation's time only"}
+    stage_rows += [f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {reuse[s['reused'], s.get('resumed', False)]} |"
+                   for s in log]
     plots = write_plots(run_dir, results, groups, latency)
     configs = []
     for name in ("teacher", f"distill-{preset.main_objective}-{preset.mixers[0]}-s{preset.seeds[0]}",
@@ -208,7 +210,7 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
 
 Date {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, machine: {machine()}.
 Wall time of all stages {stages_wall_s / 60:.1f} min (stages reused from an earlier invocation count with
-their original time); this invocation {total_wall_s / 60:.1f} min.
+their original time, a resumed stage with this invocation's part); this invocation {total_wall_s / 60:.1f} min.
 
 Data: Fashion-MNIST (Debian `dataset-fashion-mnist`), 28x28, {train} training images ({preset.holdout_fraction:.0%} of
 the training set is held out for validation: the holdout column; augmentation: {preset.augment}), the
