@@ -60,3 +60,17 @@ def test_file_names_that_are_not_utf8_split_and_load(tmp_path):
     assert len(train) + len(holdout) == 8 and len(holdout) == 2
     assert train[0][0].shape == (3, 8, 8)
     assert train.listing_fingerprint() == build_dataset(cfg, "train").listing_fingerprint()
+
+
+def test_a_class_folder_spelt_in_other_code_points_is_named_as_such(tmp_path):
+    import unicodedata
+
+    import pytest
+
+    for split, form in (("train", "NFC"), ("val", "NFD")):
+        for name in ("cat", unicodedata.normalize(form, "dög")):
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / name / "a.png")
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), img_size=8)
+    with pytest.raises(ValueError, match="in other Unicode code points .*rename one of the two folders"):
+        build_dataset(cfg, "test")

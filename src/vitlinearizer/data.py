@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import warnings
+import unicodedata
 import zlib
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -333,8 +334,12 @@ def _split_classes(split_dir: Path, class_names: Optional[Sequence[str]]) -> tup
     unknown = sorted(set(present) - set(classes))
     if unknown:
         # Whether the classes are train/'s or an exported model's, they are the ones a model is trained on.
+        composed = {unicodedata.normalize("NFC", c): c for c in classes}
+        same = [f"{u!r} is {composed[unicodedata.normalize('NFC', u)]!r} in other Unicode code points (macOS writes "
+                "accents decomposed); rename one of the two folders" for u in unknown
+                if unicodedata.normalize("NFC", u) in composed]
         raise ValueError(f"{split_dir} has class folder(s) the model was not trained on: {unknown}; the model's "
-                         f"classes are {classes}")
+                         f"classes are {classes}" + (f". {'; '.join(same)}" if same else ""))
     return classes, sorted(set(classes) - set(present))
 
 
