@@ -84,6 +84,9 @@ def test_predict_in_batches_keeps_the_file_order_and_the_answers(student, tmp_pa
             assert [t["prob"] for t in one["top"]] == pytest.approx([t["prob"] for t in many["top"]], abs=2e-4)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         evaluation.predict(student, files, batch_size=0)
+    # From Python an int size means a square, as timm's img_size does.
+    square = evaluation.predict(student, files[:2], topk=2, device="cpu", img_size=32)
+    assert square == evaluation.predict(student, files[:2], topk=2, device="cpu", img_size=(32, 32))
 
 
 def test_an_export_described_in_part_loads_and_names_what_it_lacks(tmp_path):

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import timm
+from timm.layers import to_2tuple
 import torch
 import torch.nn as nn
 
@@ -195,7 +196,7 @@ def _set_input_size(model: nn.Module, img_size: tuple[int, int]) -> None:
 
 
 def predict(checkpoint: str | Path, images: str | os.PathLike | list[str | os.PathLike], topk: int = 5,
-            device: str = "auto", img_size: tuple[int, int] | None = None, on_result=None,
+            device: str = "auto", img_size: int | tuple[int, int] | None = None, on_result=None,
             batch_size: int = 32) -> list[dict]:
     """Top-k labels with probabilities for image files (a directory: the images below it), resized to
     ``img_size`` (default: the size the model was trained at; Adventurer students run at any multiple of their
@@ -212,7 +213,7 @@ def predict(checkpoint: str | Path, images: str | os.PathLike | list[str | os.Pa
     files = _image_files(images)
     model, meta = load_exported_model(checkpoint, resolve_device(device))
     _warn_if_untrained_head(checkpoint, meta)
-    img_size = tuple(meta["img_size"]) if img_size is None else tuple(img_size)
+    img_size = tuple(meta["img_size"]) if img_size is None else to_2tuple(img_size)
     if hasattr(model, "patch_grid"):
         model.patch_grid(*img_size)  # a size that does not fit the patch size fails here, naming the fix
     elif img_size != tuple(meta["img_size"]):
