@@ -460,7 +460,8 @@ def _rank_order(targets: np.ndarray, rng: np.random.Generator, proportional: boo
 
 
 def stratified_split(targets: Sequence[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted (keep, holdout) positions; holdout is ``round(fraction * n)`` samples spread over classes."""
+    """Sorted (keep, holdout) positions; holdout is ``round(fraction * n)`` samples spread over classes, at least
+    one when ``fraction > 0`` and never all (on a tiny set that one may be a class's only image)."""
     n = len(targets)
     n_hold = min(n - 1, max(1, round(fraction * n))) if fraction > 0 and n > 1 else 0
     order = _rank_order(np.asarray(targets), np.random.default_rng([seed, 1]), proportional=True)
