@@ -9,6 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.layers import to_2tuple
 
 from vitlinearizer.teacher import Teacher, TeacherOutput, UnsafeCheckpointError, load_state_dict_safely
 
@@ -468,3 +469,22 @@ def test_a_checkpoint_with_another_patch_size_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Teacher(NAME, weights=path, **{**TINY, "patch_size": 8})
+
+
+def test_timms_logit_distillation_normalises_inputs_for_this_teacher():
+    # timm's LogitDistillationTask wraps a module teacher in its DistillationTeacher, which maps the student's
+    # normalisation to the teacher's pretrained_cfg statistics: ours must be the ones it reads (a CLIP teacher's).
+    from timm.task import LogitDistillationTask
+
+    clip_mean, clip_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    teacher = Teacher(NAME, **TINY, pretrained_cfg_overlay=dict(mean=clip_mean, std=clip_std))
+    student = timm.create_model("adventurer_nano_patch4_28", num_classes=teacher.model.num_classes,
+                                img_size=TINY["img_size"])
+    task = LogitDistillationTask(student, teacher, verbose=False)
+    assert torch.allclose(task.teacher.mean_kd.flatten(), torch.tensor(clip_mean))
+    raw = torch.rand(2, 3, *to_2tuple(TINY["img_size"]))
+    student_view = (raw - task.student_mean) / task.student_std
+    with torch.no_grad():
+        through_timm = task.teacher(task.teacher.normalize_input(student_view, task.student_mean, task.student_std))
+        direct = teacher((raw - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1))
+    torch.testing.assert_close(through_timm, direct, rtol=1e-4, atol=1e-4)

@@ -398,6 +398,12 @@ class Teacher(nn.Module):
         return getattr(self.model, "cls_token", None) is not None
 
     @property
+    def pretrained_cfg(self) -> dict:
+        """The ViT's: timm's ``DistillationTeacher``, wrapping this teacher for ``LogitDistillationTask``, reads its
+        input statistics from here (without it, ImageNet's, wrong for e.g. CLIP teachers)."""
+        return self.model.pretrained_cfg
+
+    @property
     def mean(self) -> tuple[float, ...]:
         return tuple(self.model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
 
