@@ -347,9 +347,8 @@ class Trainer:
         bad, stop = (bool(f) for f in flags.tolist())
         if not bad:  # grads are synced here, so every rank decides alike
             # A finite loss can still give inf/NaN gradients (e.g. sqrt at 0): never step on them, clipping or not.
-            grads = [p.grad for p in self.params if p.grad is not None]
             norm = (nn.utils.clip_grad_norm_(self.params, cfg.clip_grad) if cfg.clip_grad
-                    else nn.utils.get_total_norm(grads) if grads else torch.zeros(()))
+                    else nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
             bad = not math.isfinite(float(norm))
         w["lr"] = max(self.scheduler.get_last_lr())  # the unscaled lr (layer decay scales the rest down)
         if bad:

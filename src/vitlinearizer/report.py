@@ -188,9 +188,9 @@ def write_report(run_dir: Path, preset_name: str, preset, results: dict, latency
             f"{r['speedup']:.2f}x | {r.get('throughput_batch', 32)} | {r['teacher_img_per_s']:.1f} | "
             f"{r['student_img_per_s']:.1f} |")
     stage_rows = ["| Stage | Wall time | Reused |", "|---|---|---|"]
-    reuse = {(True, False): "yes", (False, False): "no", (False, True): "resumed: this invocation's time only"}
-    stage_rows += [f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {reuse[s['reused'], s.get('resumed', False)]} |"
-                   for s in log]
+    for s in log:
+        reused = "yes" if s["reused"] else "resumed: this invocation's time only" if s.get("resumed") else "no"
+        stage_rows.append(f"| {s['stage']} | {s['wall_s'] / 60:.1f} min | {reused} |")
     plots = write_plots(run_dir, results, groups, latency)
     configs = []
     for name in ("teacher", f"distill-{preset.main_objective}-{preset.mixers[0]}-s{preset.seeds[0]}",

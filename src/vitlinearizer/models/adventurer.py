@@ -164,7 +164,7 @@ class Adventurer(nn.Module):
 
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size=None) -> None:
         """Change the native resolution: the position embedding is resampled once and stored at the new grid."""
-        if patch_size is not None and tuple(to_2tuple(patch_size)) != tuple(self.patch_embed.patch_size):
+        if patch_size is not None and to_2tuple(patch_size) != tuple(self.patch_embed.patch_size):
             raise ValueError("Adventurer cannot change its patch size after creation; create a new model instead")
         if img_size is not None:
             self.patch_grid(*to_2tuple(img_size))

@@ -69,7 +69,7 @@ def call_fla(kernels: FlaKernels, q, k, v, log_decay, initial_state=None, return
 def _call_hgrn(hgrn, q, k, v, g, initial_state, return_final_state):
     """N = P = 1: S_t = exp(g_t) S_{t-1} + k_t v_t and y_t = q_t S_t, i.e. fla's h_t = exp(g_t) h_{t-1} + x_t with
     x = k v, heads as its channels. In float32: the kernel keeps its state (and final state) in x's dtype."""
-    x = (k[..., 0].float() * v[..., 0].float())  # (B, L, H)
+    x = k[..., 0].float() * v[..., 0].float()  # (B, L, H)
     h0 = initial_state[..., 0, 0] if initial_state is not None else None  # (B, H)
     h, state = hgrn(x, g, initial_state=h0, output_final_state=return_final_state)
     y = (q[..., 0].float() * h).to(v.dtype)[..., None]
