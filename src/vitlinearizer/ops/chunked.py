@@ -93,6 +93,26 @@ def _carry_states(chunk_states, chunk_decay, initial_state):
     return torch.stack(entering, dim=1), state
 
 
+# ATen hands an element-wise CPU op of more than this many elements to its OpenMP threads (at::internal::GRAIN_SIZE).
+ATEN_GRAIN_SIZE = 32768
+
+
+def _serial_row_blocks(states: torch.Tensor) -> list[slice]:
+    """Slices of dim 2 of ``states`` (B, C, S1, ...) that cut one chunk's state into pieces ATen updates serially.
+
+    The chunk carry is a chain of small updates (one state, ~50k elements for Adventurer-S): handed to OpenMP,
+    each one pays for waking the second thread, ~50 us under OMP_WAIT_POLICY=PASSIVE against ~8 us for the
+    update itself on the calling thread (docs/performance.md). So on CPU the state is updated in pieces below the
+    grain; a single row above it (large batches) is left whole, where threads pay off.
+    """
+    rows = states.shape[2]
+    per_row = states[:, 0, :1].numel()
+    if states.device.type != "cpu" or per_row * rows <= ATEN_GRAIN_SIZE or per_row > ATEN_GRAIN_SIZE:
+        return [slice(None)]
+    step = ATEN_GRAIN_SIZE // per_row
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
 def _carry_factored(states, half, initial_state):
     """The factored paths' chunk states scanned into the states entering each chunk: one op per chunk.
 
@@ -115,8 +135,11 @@ def _carry_factored(states, half, initial_state):
         scaled = states.mul_(f)
         entering = states.new_empty(states.shape)
         torch.mul(initial_state, half[:, 0].exp(), out=entering[:, 0])
+        pieces = [(scaled[:, :, rows], entering[:, :, rows], f if f.shape[2] == 1 else f[:, :, rows])
+                  for rows in _serial_row_blocks(states)]
         for c in range(chunks - 1):
-            torch.addcmul(scaled[:, c], entering[:, c], f[:, c], out=entering[:, c + 1])
+            for scaled_rows, entering_rows, f_rows in pieces:
+                torch.addcmul(scaled_rows[:, c], entering_rows[:, c], f_rows[:, c], out=entering_rows[:, c + 1])
         return entering, torch.addcmul(scaled[:, -1], entering[:, -1], f[:, -1])
     scaled = states * f
     out = [initial_state * half[:, 0].exp()]
