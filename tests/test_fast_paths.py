@@ -11,6 +11,7 @@ from mixer_cases import MIXER_CASES
 import vitlinearizer  # noqa: F401
 from vitlinearizer.models.adventurer_block import AdventurerBlock
 from vitlinearizer.models.mixers import GatedRMSNorm, causal_depthwise_conv, create_mixer
+from vitlinearizer.ops import _serial as serial_mod
 from vitlinearizer.ops import chunked as chunked_mod
 from vitlinearizer.ops import linear_recurrence
 from vitlinearizer.ops.chunked import chunked_linear_recurrence
@@ -125,33 +126,33 @@ def test_factored_chunk_carry_matches_the_plain_recurrence():
 
 
 @pytest.mark.parametrize("decay_rows", [1, 7], ids=["per_head_decay", "per_row_decay"])
-def test_chunk_carry_in_serial_pieces_matches_the_plain_recurrence(decay_rows, monkeypatch):
+@pytest.mark.parametrize("carry", ["factored", "exact"])
+def test_chunk_carry_in_serial_pieces_matches_the_plain_recurrence(decay_rows, carry, monkeypatch):
     # A grain of 4 elements cuts a state of 7 rows of 2 into pieces of 2 rows, the last one short; the decay
     # broadcasts over the rows (per head) or has one per row (per channel).
-    monkeypatch.setattr(chunked_mod, "ATEN_GRAIN_SIZE", 4)
+    monkeypatch.setattr(serial_mod, "ATEN_GRAIN_SIZE", 4)
     gen = torch.Generator().manual_seed(1)
     states = torch.randn(1, 9, 7, 2, generator=gen, dtype=torch.float64)
     half = -torch.rand(1, 9, decay_rows, 1, generator=gen, dtype=torch.float64) * 3
     init = torch.randn(1, 7, 2, generator=gen, dtype=torch.float64)
-    blocks = chunked_mod._serial_row_blocks(states)
-    assert [b.indices(7) for b in blocks] == [(0, 2, 1), (2, 4, 1), (4, 6, 1), (6, 7, 1)]
-    expected = _plain_chunk_carry(states, half, init)
-    with torch.no_grad():
-        got = chunked_mod._carry_factored(states.clone(), half, init)
+    assert [s.indices(7) for s in serial_mod.serial_slices(states[:, 0], dim=1)] == [
+        (0, 2, 1), (2, 4, 1), (4, 6, 1), (6, 7, 1)]
+    if carry == "factored":
+        expected = _plain_chunk_carry(states, half, init)
+        with torch.no_grad():
+            got = chunked_mod._carry_factored(states.clone(), half, init)
+    else:  # the exact paths' carry: S_{c+1} = decay_c * S_c + states_c
+        decay = (2 * half).exp()
+        expected = _carry_with_autograd(states, decay, init)
+        with torch.no_grad():
+            got = chunked_mod._carry_states(states, decay, init)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
 
 
-def test_serial_row_blocks_leave_large_rows_and_small_states_whole():
-    grain = chunked_mod.ATEN_GRAIN_SIZE
-    small = torch.empty(1, 3, 4, grain // 8)  # one chunk's state under the grain: nothing to gain
-    wide_rows = torch.empty(1, 3, 4, grain + 1)  # one row above it: threads pay off
-    assert chunked_mod._serial_row_blocks(small) == [slice(None)]
-    assert chunked_mod._serial_row_blocks(wide_rows) == [slice(None)]
-    model_state = torch.empty(1, 3, 64, 12, 64)  # Adventurer-S: 49152 elements, pieces of at most the grain
-    blocks = chunked_mod._serial_row_blocks(model_state)
-    assert len(blocks) > 1 and all(model_state[:, 0, b].numel() <= grain for b in blocks)
-    assert sum(model_state[:, 0, b].shape[1] for b in blocks) == 64
+def _carry_with_autograd(states, decay, init):
+    with torch.enable_grad():
+        return [t.detach() for t in chunked_mod._carry_states(states, decay, init.clone().requires_grad_())]
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 10])

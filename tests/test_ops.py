@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from vitlinearizer.ops import _serial as serial_mod
 from vitlinearizer.ops import chunked, linear_recurrence, recurrent_step
 
 TOL = {torch.float64: 1e-5, torch.float32: 1e-3}
@@ -274,3 +275,33 @@ def test_a_float64_input_keeps_float64_precision(impl, wide):
     expected = linear_recurrence(*rounded[:4], initial_state=rounded[4], return_final_state=True, impl="naive")
     assert rel_err(expected[1], state) < 1e-10
     assert rel_err(reference[1], state) < 1e-5
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_head", "per_channel"])
+def test_recurrent_step_in_serial_pieces_leaves_the_callers_state_alone(per_channel, monkeypatch):
+    # A grain of 12 elements cuts each (1, 5, 2, 3) state into head pieces of 2, 2 and 1 heads.
+    monkeypatch.setattr(serial_mod, "ATEN_GRAIN_SIZE", 12)
+    q, k, v, a = (t.detach() for t in make_inputs(1, 6, 5, 2, 3, per_channel, seed=12))
+    assert len(serial_mod.serial_slices(torch.empty(1, 5, 2, 3), dim=1)) == 3
+    y_ref, s_ref = linear_recurrence(q, k, v, a, impl="naive", return_final_state=True)
+    state = None
+    for t in range(6):
+        before = None if state is None else state.clone()
+        y_t, new_state = recurrent_step(q[:, t], k[:, t], v[:, t], a[:, t], state)
+        torch.testing.assert_close(y_t, y_ref[:, t])
+        if before is not None:
+            assert torch.equal(state, before) and new_state is not state
+        state = new_state
+    torch.testing.assert_close(state, s_ref)
+
+
+def test_serial_slices_cut_only_cpu_tensors_above_the_grain():
+    grain = serial_mod.ATEN_GRAIN_SIZE
+    assert serial_mod.serial_slices(torch.empty(1, 4, grain // 8), dim=1) == [slice(None)]  # under the grain
+    assert serial_mod.serial_slices(torch.empty(3, grain + 1), dim=0) == [slice(None)]  # one row above it
+    assert serial_mod.serial_slices(torch.empty(0, 7), dim=0) == [slice(None)]
+    state = torch.empty(1, 12, 64, 64)  # Adventurer-S: 49,152 floats
+    pieces = serial_mod.serial_slices(state, dim=1)
+    assert len(pieces) == 2 and all(state[:, s].numel() <= grain for s in pieces)
+    assert sum(state[:, s].shape[1] for s in pieces) == 12
+    assert serial_mod.serial_slices(state.to("meta"), dim=1) == [slice(None)]  # off the CPU: one piece

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._serial import serial_slices
 from ._validate import accumulation_dtype, expand_groups
 
 # Chosen from benchmarks/ops.py on 2 CPU cores (see docs/performance.md, "Chunk size"). Per-head decays: the
@@ -78,13 +79,11 @@ def _carry_states(chunk_states, chunk_decay, initial_state):
     """
     chunks = chunk_states.shape[1]
     if not _grad_needed(chunk_states, chunk_decay, initial_state):
-        # Write each entering state straight into one buffer: no per-chunk tensors and no final stack copy.
+        # Each entering state is written straight into one buffer (no per-chunk tensors, no final stack copy).
         entering = chunk_states.new_empty(chunk_states.shape)
-        state = initial_state
-        for c in range(chunks):
-            entering[:, c] = state
-            state = torch.addcmul(chunk_states[:, c], state, chunk_decay[:, c])
-        return entering, state
+        entering[:, 0] = initial_state
+        _scan_into(entering, chunk_states, chunk_decay)
+        return entering, torch.addcmul(chunk_states[:, -1], entering[:, -1], chunk_decay[:, -1])
     state = initial_state
     entering = []
     for c in range(chunks):
@@ -93,24 +92,18 @@ def _carry_states(chunk_states, chunk_decay, initial_state):
     return torch.stack(entering, dim=1), state
 
 
-# ATen hands an element-wise CPU op of more than this many elements to its OpenMP threads (at::internal::GRAIN_SIZE).
-ATEN_GRAIN_SIZE = 32768
+def _scan_into(entering: torch.Tensor, added: torch.Tensor, factor: torch.Tensor) -> None:
+    """``entering[:, c + 1] = added[:, c] + factor[:, c] * entering[:, c]`` for every chunk c but the last, in place.
 
-
-def _serial_row_blocks(states: torch.Tensor) -> list[slice]:
-    """Slices of dim 2 of ``states`` (B, C, S1, ...) that cut one chunk's state into pieces ATen updates serially.
-
-    The chunk carry is a chain of small updates (one state, ~50k elements for Adventurer-S): handed to OpenMP,
-    each one pays for waking the second thread, ~50 us under OMP_WAIT_POLICY=PASSIVE against ~8 us for the
-    update itself on the calling thread (docs/performance.md). So on CPU the state is updated in pieces below the
-    grain; a single row above it (large batches) is left whole, where threads pay off.
+    ``entering`` and ``added`` (B, C, S1, ...), ``entering[:, 0]`` set by the caller; ``factor`` (B, C, 1 or S1, ...).
+    One op per chunk, on CPU per row piece of :func:`~vitlinearizer.ops._serial.serial_slices` (each piece's chain
+    runs on the calling thread).
     """
-    rows = states.shape[2]
-    per_row = states[:, 0, :1].numel()
-    if states.device.type != "cpu" or per_row * rows <= ATEN_GRAIN_SIZE or per_row > ATEN_GRAIN_SIZE:
-        return [slice(None)]
-    step = ATEN_GRAIN_SIZE // per_row
-    return [slice(start, start + step) for start in range(0, rows, step)]
+    for rows in serial_slices(added[:, 0], dim=1):
+        into, add = entering[:, :, rows], added[:, :, rows]
+        scale = factor if factor.shape[2] == 1 else factor[:, :, rows]
+        for c in range(added.shape[1] - 1):
+            torch.addcmul(add[:, c], into[:, c], scale[:, c], out=into[:, c + 1])
 
 
 def _carry_factored(states, half, initial_state):
@@ -135,11 +128,7 @@ def _carry_factored(states, half, initial_state):
         scaled = states.mul_(f)
         entering = states.new_empty(states.shape)
         torch.mul(initial_state, half[:, 0].exp(), out=entering[:, 0])
-        pieces = [(scaled[:, :, rows], entering[:, :, rows], f if f.shape[2] == 1 else f[:, :, rows])
-                  for rows in _serial_row_blocks(states)]
-        for c in range(chunks - 1):
-            for scaled_rows, entering_rows, f_rows in pieces:
-                torch.addcmul(scaled_rows[:, c], entering_rows[:, c], f_rows[:, c], out=entering_rows[:, c + 1])
+        _scan_into(entering, scaled, f)
         return entering, torch.addcmul(scaled[:, -1], entering[:, -1], f[:, -1])
     scaled = states * f
     out = [initial_state * half[:, 0].exp()]

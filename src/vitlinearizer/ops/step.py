@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._serial import serial_slices
 from ._validate import accumulation_dtype, autocast_disabled, check_step_inputs, expand_groups
 
 
@@ -32,9 +33,21 @@ def _step(q_t, k_t, v_t, log_decay_t, state):
     k_t = expand_groups(k_t.unsqueeze(1), heads).squeeze(1).to(acc)  # (B, H, N)
     decay = log_decay_t.to(acc).exp()
     decay = decay[..., None] if decay.dim() == 3 else decay[..., None, None]
-    update = k_t[..., :, None] * v_t.to(acc)[..., None, :]  # (B, H, N, P)
-    state = update.new_zeros(update.shape) if state is None else state.to(acc)
-    state = decay * state + update
+    k_col, v_row = k_t[..., :, None], v_t.to(acc)[..., None, :]  # (B, H, N, 1), (B, H, 1, P)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k_col, v_row, decay, state)):
+        # Also from a zero state the decay stays in the graph (its gradient is 0, not missing).
+        state = k_col.new_zeros(torch.broadcast_shapes(k_col.shape, v_row.shape)) if state is None else state.to(acc)
+        state = decay * state + k_col * v_row  # (B, H, N, P)
+    elif state is None:
+        state = k_col * v_row
+    else:
+        # A new state (the caller may keep the old one), in two passes instead of three and, on CPU, in head pieces
+        # that run on the calling thread: one token's update is too small to pay for waking OpenMP's threads.
+        state, old = torch.empty_like(state, dtype=acc), state
+        for heads_slice in serial_slices(state, dim=1):
+            new = state[:, heads_slice]
+            torch.mul(old[:, heads_slice], decay[:, heads_slice], out=new)
+            new.addcmul_(k_col[:, heads_slice], v_row[:, heads_slice])
     with autocast_disabled(q_t.device):
         y_t = (q_t.unsqueeze(-2) @ state).squeeze(-2)  # (B, H, P)
     return y_t.to(v_t.dtype), state
