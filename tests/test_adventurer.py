@@ -184,6 +184,41 @@ def test_torch_export_captures_the_whole_model(mixer):
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gla", "hgrn"])
+def test_fx_traced_model_runs_at_any_resolution_and_keeps_its_input_checks(mixer):
+    # torch.fx records the size-dependent steps (input check, patch grid, position-embedding resample, scan order,
+    # the recurrence) as calls, so one traced graph serves every resolution, as the model does.
+    torch.manual_seed(0)
+    model = timm.create_model("adventurer_nano_patch4_28", num_classes=3, mixer=mixer).eval()
+    graph = torch.fx.symbolic_trace(model)
+    assert any(node.target.__name__ == "linear_recurrence" for node in graph.graph.nodes if node.op == "call_function")
+    for size in [(28, 28), (20, 36)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(graph(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        graph(torch.randn(1, 3, 30, 28))
+    with pytest.raises(ValueError, match="add a batch dimension"):
+        graph(torch.randn(3, 28, 28))
+
+
+def test_timm_fx_feature_extraction():
+    from timm.models._features_fx import create_feature_extractor
+
+    torch.manual_seed(0)
+    model = timm.create_model("adventurer_nano_patch4_28").eval()
+    x = torch.randn(2, 3, 28, 36)
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "block1", "norm": "final"})
+    with torch.no_grad():
+        features = extractor(x)
+        final, (block1,) = model.forward_intermediates(x, indices=[1], output_fmt="NLC")
+    torch.testing.assert_close(features["final"], final)
+    torch.testing.assert_close(features["block1"][:, :-1], block1)  # the class token is last
+    features_only = timm.create_model("adventurer_nano_patch4_28", features_only=True, feature_cls="fx",
+                                      out_indices=(1, 3)).eval()
+    assert [tuple(f.shape) for f in features_only(x)] == [(2, 64, 128)] * 2  # 7x9 patches + class token
+
+
 def test_global_pool_options_follow_timm():
     x = torch.randn(2, 3, 28, 32)
     model = timm.create_model("adventurer_nano_patch4_28", num_classes=0).eval()

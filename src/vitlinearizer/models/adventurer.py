@@ -198,19 +198,8 @@ class Adventurer(nn.Module):
         patches = patches.reshape(batch, (height // ph) * (width // pw), chans * ph * pw)
         return F.linear(patches, pe.proj.weight.reshape(pe.proj.out_channels, -1), pe.proj.bias)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        chans = self.patch_embed.proj.in_channels
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != chans:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"expected images of shape (B, {chans}, H, W), got {got}"
-                             + ("; add a batch dimension with x.unsqueeze(0)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""))
-        weight = self.patch_embed.proj.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} does not match the model's {weight.dtype}; convert one of them "
-                            f"(x.to({weight.dtype}) or model.to({x.dtype})), or run under torch.autocast")
-
     def _embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        self._check_input(x)
+        _check_images(x, self.patch_embed.proj.weight)
         grid = self.patch_grid(x.shape[-2], x.shape[-1])
         x = self._patchify(x)  # (B, N, D)
         if mask is not None:
@@ -230,16 +219,13 @@ class Adventurer(nn.Module):
         reused while the parameter holds the same values: compared element-wise, since fused optimisers and
         writes through ``.data`` change a parameter without bumping its version counter."""
         pos = self.pos_embed
-        if grid == self.patch_embed.grid_size:
-            return pos
         cacheable = not torch.is_grad_enabled() and pos.device.type != "meta" and not torch.compiler.is_compiling()
-        cached = getattr(self, "_pos_cache", None)
-        if (cacheable and cached is not None and cached[0] == grid and cached[1].dtype == pos.dtype
+        cached = getattr(self, "_pos_cache", None) if cacheable else None
+        if (cached is not None and cached[0] == grid and cached[1].dtype == pos.dtype
                 and cached[1].device == pos.device and torch.equal(cached[1], pos)):
             return cached[2]
-        patches = resample_abs_pos_embed(pos[:, :-1], list(grid), list(self.patch_embed.grid_size), num_prefix_tokens=0)
-        resampled = torch.cat([patches, pos[:, -1:]], dim=1)
-        if cacheable:
+        resampled = _pos_embed_at(pos, grid, self.patch_embed.grid_size)
+        if cacheable and resampled is not pos:
             self._pos_cache = (grid, pos.detach().clone(), resampled)
         return resampled
 
@@ -322,6 +308,33 @@ class Adventurer(nn.Module):
         if prune_head:  # no head and no pooling, as timm's ViT: forward() then returns every token
             self.reset_classifier(0, "")
         return take_indices
+
+
+def _check_images(x: torch.Tensor, patch_weight: torch.Tensor) -> None:
+    """A clear error for inputs the patch embedding (weight ``patch_weight``) cannot take."""
+    chans = patch_weight.shape[1]
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != chans:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected images of shape (B, {chans}, H, W), got {got}"
+                         + ("; add a batch dimension with x.unsqueeze(0)" if isinstance(x, torch.Tensor) and x.dim() == 3 else ""))
+    if x.dtype != patch_weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"input dtype {x.dtype} does not match the model's {patch_weight.dtype}; convert one of them "
+                        f"(x.to({patch_weight.dtype}) or model.to({x.dtype})), or run under torch.autocast")
+
+
+def _pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], native_grid: tuple[int, int]) -> torch.Tensor:
+    """``pos_embed`` (patches in raster order, class token last) resampled from ``native_grid`` to ``grid``."""
+    if tuple(grid) == tuple(native_grid):
+        return pos_embed
+    patches = resample_abs_pos_embed(pos_embed[:, :-1], list(grid), list(native_grid), num_prefix_tokens=0)
+    return torch.cat([patches, pos_embed[:, -1:]], dim=1)
+
+
+# torch.fx symbolic tracing (timm's FX feature extraction, FX quantisation) records these as calls instead of tracing
+# them: their checks and the resampling depend on the input's size, which a traced graph must take at run time.
+torch.fx.wrap("_check_images")
+torch.fx.wrap("_pos_embed_at")
+torch.fx.wrap("patch_grid")
 
 
 def nearest_patch_multiple(height: int, width: int, patch_size: tuple[int, int]) -> tuple[int, int]:

@@ -26,6 +26,10 @@ def _scan_order(length: int, device: torch.device) -> torch.Tensor:
     return order
 
 
+# torch.fx records the scan order as one call: it is built from the sequence length, unknown while tracing.
+torch.fx.wrap("_scan_order")
+
+
 def _forward_hooked(module: nn.Module) -> bool:
     """Whether a forward hook would observe ``module`` or a module inside it.
 

@@ -59,6 +59,13 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out
 
 
+# torch.fx records these as calls instead of tracing them: they branch on the sequence length and the dtype
+# (the recurrence also on its values), which a traced graph only knows at run time.
+torch.fx.wrap("_at_least_float32")
+torch.fx.wrap("causal_depthwise_conv")
+torch.fx.wrap("linear_recurrence")
+
+
 class ShortConv(nn.Conv1d):
     """Causal depthwise conv of width ``width`` over tokens, then SiLU unless ``activation=False``.
 
@@ -120,23 +127,21 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor, overwrite_z: bool = False) -> torch.Tensor:
         """``overwrite_z``: z is a temporary of the caller and may be used as scratch (only without autograd)."""
-        shape = y.shape
-        groups = (*shape[:-1], shape[-1] // self.group_size, self.group_size)  # explicit: the batch may be empty
         if _inplace_ok():
             gate = F.silu(z, inplace=overwrite_z)
             # In place only into a tensor of the product's dtype: under autocast z is bf16 while y comes from the
             # float32 kernel, and the autograd path multiplies in float32.
-            x = (gate.mul_(y) if gate.dtype == torch.result_type(gate, y) else gate * y).reshape(groups)
+            x = (gate.mul_(y) if gate.dtype == torch.result_type(gate, y) else gate * y).unflatten(-1, (-1, self.group_size))
             x = _at_least_float32(x)
             # ||x|| / sqrt(n) is the RMS: one reduction pass and no squared temporary.
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
             x = x.mul_(norm.square_().div_(self.group_size).add_(self.eps).rsqrt_())
-            x = x.reshape(shape).to(y.dtype)
+            x = x.flatten(-2).to(y.dtype)
             return x.mul_(self.weight.to(x.dtype))
-        x = (y * F.silu(z)).reshape(groups)
+        x = (y * F.silu(z)).unflatten(-1, (-1, self.group_size))
         x = _at_least_float32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x.reshape(shape).to(y.dtype) * self.weight
+        return x.flatten(-2).to(y.dtype) * self.weight
 
 
 # in_proj's output width is padded to a multiple of this: MKL's CPU sgemm runs 20-35% slower when the width
@@ -206,12 +211,11 @@ class Mamba2Mixer(nn.Module):
     def _ssd_inputs(self, xbc: torch.Tensor, dt: torch.Tensor):
         """Split the conv output into recurrence inputs; shapes keep any leading (B,) or (B, L) dims."""
         xs, b, c = xbc.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], dim=-1)
-        lead = xs.shape[:-1]
-        xs = xs.reshape(*lead, self.num_heads, self.head_dim)  # (..., H, P)
+        xs = xs.unflatten(-1, (self.num_heads, self.head_dim))  # (..., H, P)
         dt = F.softplus(_at_least_float32(dt) + self.dt_bias)  # (..., H)
         log_decay = dt * self.A_log.exp().neg()  # (..., H), <= 0
-        q = c.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
-        k = b.reshape(*lead, self.n_groups, self.d_state)  # (..., G, N)
+        q = c.unflatten(-1, (self.n_groups, self.d_state))  # (..., G, N)
+        k = b.unflatten(-1, (self.n_groups, self.d_state))  # (..., G, N)
         v = xs * dt[..., None].to(xs.dtype)  # (..., H, P)
         return xs, q, k, v, log_decay
 
@@ -331,14 +335,13 @@ class GLAMixer(_ShortConvMixin, nn.Module):
         self.conv = ShortConv(2 * self.key_dim + self.value_dim, conv_size) if conv_size else None
 
     def _inputs(self, x: torch.Tensor, conv_state=None, step: bool = False, want_state: bool = False):
-        lead = x.shape[:-1]
         (q, k, v), conv_state = self._convolve([self.q_proj(x), self.k_proj(x), self.v_proj(x)], conv_state,
                                                step, want_state)
         heads = (self.num_heads, self.head_k)
-        q = q.reshape(*lead, *heads) * self.head_k**-0.5  # the kernel takes unscaled q
-        k = k.reshape(*lead, *heads)
-        v = v.reshape(*lead, self.num_heads, self.head_v)
-        log_decay = F.logsigmoid(_at_least_float32(self.gk_proj(x))).reshape(*lead, *heads) / self.gate_normalizer
+        q = q.unflatten(-1, heads) * self.head_k**-0.5  # the kernel takes unscaled q
+        k = k.unflatten(-1, heads)
+        v = v.unflatten(-1, (self.num_heads, self.head_v))
+        log_decay = F.logsigmoid(_at_least_float32(self.gk_proj(x))).unflatten(-1, heads) / self.gate_normalizer
         return q, k, v, log_decay, conv_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +390,7 @@ class HGRNMixer(_ShortConvMixin, nn.Module):
         f_logit = _at_least_float32(f_logit)
         log_forget = F.logsigmoid(f_logit)  # (..., C)
         update = F.silu(i) * torch.sigmoid(-f_logit).to(x.dtype)  # (1 - f) * i
-        ones = update.new_ones(*update.shape[:-1], 1, 1)  # q = k = 1 shared by all channels (one group)
+        ones = torch.ones_like(update[..., :1]).unsqueeze(-1)  # (..., 1, 1): q = k = 1 for all channels (one group)
         return ones, ones, update[..., None], log_forget, conv_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
