@@ -233,6 +233,21 @@ def test_streaming_block_equals_parallel_block(case, flip, slab):
         torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "gla"])
+def test_streaming_block_compiles_whole_for_inference(mixer, monkeypatch):
+    # torch.compile(fullgraph=True) of the no-autograd path: slabs carrying state, the kernel in segments,
+    # in-place temporaries, and the exact kernel's chunk carry (without the `out=` views dynamo refuses, and
+    # without torch calls that return a dtype).
+    monkeypatch.setattr(chunked_mod, "SEGMENT_TOKENS", 8)
+    torch.manual_seed(0)
+    block = AdventurerBlock(32, mixer=mixer, mixer_kwargs=dict(MIXER_CASES[mixer][1], chunk_size=8), flip=True).eval()
+    block.stream_slab_tokens = 16
+    x = torch.randn(2, 40, 32)
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
 def test_model_inference_path_equals_autograd_path():
     model = timm.create_model("adventurer_tiny_patch16_224", depth=4, num_classes=7).double().eval()
     for block in model.blocks:

@@ -131,7 +131,7 @@ class GatedRMSNorm(nn.Module):
             gate = F.silu(z, inplace=overwrite_z)
             # In place only into a tensor of the product's dtype: under autocast z is bf16 while y comes from the
             # float32 kernel, and the autograd path multiplies in float32.
-            x = (gate.mul_(y) if gate.dtype == torch.result_type(gate, y) else gate * y).unflatten(-1, (-1, self.group_size))
+            x = (gate.mul_(y) if gate.dtype == torch.promote_types(gate.dtype, y.dtype) else gate * y).unflatten(-1, (-1, self.group_size))
             x = _at_least_float32(x)
             # ||x|| / sqrt(n) is the RMS: one reduction pass and no squared temporary.
             norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)

@@ -78,8 +78,9 @@ def _carry_states(chunk_states, chunk_decay, initial_state):
     returns (states entering each chunk (B, C, ...), final state (B, ...)).
     """
     chunks = chunk_states.shape[1]
-    if not _grad_needed(chunk_states, chunk_decay, initial_state):
-        # Each entering state is written straight into one buffer (no per-chunk tensors, no final stack copy).
+    if not _grad_needed(chunk_states, chunk_decay, initial_state) and not _capturing_graph():
+        # Each entering state is written straight into one buffer (no per-chunk tensors, no final stack copy);
+        # not while a graph is captured, where dynamo refuses `out=` views.
         entering = chunk_states.new_empty(chunk_states.shape)
         entering[:, 0] = initial_state
         _scan_into(entering, chunk_states, chunk_decay)
@@ -256,7 +257,7 @@ def _per_head_exact(q, k, v, log_decay, initial_state, chunk_size):
     else:
         state = initial_state.to(states.dtype).transpose(1, 2)
     entering, final_state = _carry_states(states, decay, state)
-    entering = entering.view(bc, key_dim, heads * value_dim)
+    entering = entering.reshape(bc, key_dim, heads * value_dim)  # a stack of strided states under graph capture
 
     # Inter-chunk: y_i = exp(cum_i) q_i^T S_entering, then add the intra-chunk part (head-major -> natural).
     carried = [torch.bmm(qg[:, :, g], entering.view(bc, key_dim, groups, -1)[:, :, g]) for g in range(groups)]
