@@ -1,4 +1,4 @@
-"""Input checks shared by every recurrence path: errors name the argument, its shape and what is allowed."""
+"""Input checks and small helpers shared by every recurrence path: errors name the argument, its shape and what is allowed."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,11 @@ def accumulation_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """The dtype every path computes and keeps the state in: float64 when any input is float64, else float32
     (so a float64 value or state is never silently rounded through a float32 query)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records ops on these tensors: else the paths may overwrite their temporaries in place."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def expand_groups(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ._serial import serial_slices
-from ._validate import accumulation_dtype, expand_groups
+from ._validate import accumulation_dtype, expand_groups, grad_needed
 
 # Chosen from benchmarks/ops.py on 2 CPU cores (see docs/performance.md, "Chunk size"). Per-head decays: the
 # factored path is three GEMMs per chunk whose efficiency grows with Q while the intra-chunk work grows as Q²;
@@ -57,10 +57,6 @@ LOG_DECAY_FLOOR = -110.0
 METHODS = ("auto", "exact")
 
 
-def _grad_needed(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Zero-pad dim 1 (length) to a multiple of the chunk size; zero k/v and zero log-decay leave the state unchanged."""
     pad = (-x.shape[1]) % chunk_size
@@ -78,7 +74,7 @@ def _carry_states(chunk_states, chunk_decay, initial_state):
     returns (states entering each chunk (B, C, ...), final state (B, ...)).
     """
     chunks = chunk_states.shape[1]
-    if not _grad_needed(chunk_states, chunk_decay, initial_state) and not _capturing_graph():
+    if not grad_needed(chunk_states, chunk_decay, initial_state) and not _capturing_graph():
         # Each entering state is written straight into one buffer (no per-chunk tensors, no final stack copy);
         # not while a graph is captured, where dynamo refuses `out=` views.
         entering = chunk_states.new_empty(chunk_states.shape)
@@ -125,7 +121,7 @@ def _carry_factored(states, half, initial_state):
     chunks = states.shape[1]
     following = torch.cat([half[:, 1:], torch.zeros_like(half[:, :1])], 1)
     f = (half + following).exp()
-    if not _grad_needed(states, half, initial_state):
+    if not grad_needed(states, half, initial_state):
         scaled = states.mul_(f)
         entering = states.new_empty(states.shape)
         torch.mul(initial_state, half[:, 0].exp(), out=entering[:, 0])
@@ -176,7 +172,7 @@ def _per_head_factored(q, k, v, log_decay, initial_state, chunk_size, want_state
     batch, length, groups, key_dim = q.shape
     heads, value_dim = v.shape[2], v.shape[3]
     rep = heads // groups
-    grad = _grad_needed(q, k, v, log_decay, initial_state)
+    grad = grad_needed(q, k, v, log_decay, initial_state)
     q, k, v, cum, chunks = _per_head_chunks(q, k, v, log_decay, chunk_size)
     bc = batch * chunks
     half = cum[:, :, -1:] * 0.5  # (B, C, 1, H): the half-way point m of each chunk's log-decay
@@ -227,7 +223,7 @@ def _per_head_exact(q, k, v, log_decay, initial_state, chunk_size):
     batch, length, groups, key_dim = q.shape
     heads, value_dim = v.shape[2], v.shape[3]
     rep = heads // groups
-    grad = _grad_needed(q, k, v, log_decay, initial_state)
+    grad = grad_needed(q, k, v, log_decay, initial_state)
     q, k, v, cum, chunks = _per_head_chunks(q, k, v, log_decay, chunk_size)
     bc = batch * chunks
     qg = q.reshape(bc, chunk_size, groups, key_dim)
@@ -291,7 +287,7 @@ def _token_major(y, batch, chunks, chunk_size, length, out):
 def _per_channel_factored(q, k, v, log_decay, initial_state, chunk_size, want_state=True, out=None):
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[3]
-    grad = _grad_needed(q, k, v, log_decay, initial_state)
+    grad = grad_needed(q, k, v, log_decay, initial_state)
     q, k, v, log_decay = (_pad_to_chunks(t, chunk_size) for t in (q, k, v, log_decay))
     chunks = q.shape[1] // chunk_size
     # Head-major (B, C, H, Q, D) views; the ops below write contiguous results from them, so the layout change
@@ -433,7 +429,7 @@ def chunked_linear_recurrence(
     length = q.shape[1]
     align = chunk_size or (DEFAULT_CHUNK_SIZE_PER_HEAD if per_head else DEFAULT_CHUNK_SIZE_PER_CHANNEL)
     pieces = [(0, length)]
-    if not _grad_needed(q, k, v, log_decay, initial_state) and q.device.type != "meta":
+    if not grad_needed(q, k, v, log_decay, initial_state) and q.device.type != "meta":
         pieces = _segments(length, align)
     if len(pieces) == 1:
         y, state = _recurrence(q, k, v, log_decay, initial_state, chunk_size, method, per_head, return_final_state)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._serial import serial_slices
-from ._validate import accumulation_dtype, autocast_disabled, check_step_inputs, expand_groups
+from ._validate import accumulation_dtype, autocast_disabled, check_step_inputs, expand_groups, grad_needed
 
 
 def recurrent_step(q_t, k_t, v_t, log_decay_t, state=None, *, validate: bool = True):
@@ -34,7 +34,7 @@ def _step(q_t, k_t, v_t, log_decay_t, state):
     decay = log_decay_t.to(acc).exp()
     decay = decay[..., None] if decay.dim() == 3 else decay[..., None, None]
     k_col, v_row = k_t[..., :, None], v_t.to(acc)[..., None, :]  # (B, H, N, 1), (B, H, 1, P)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k_col, v_row, decay, state)):
+    if grad_needed(k_col, v_row, decay, state):
         # Also from a zero state the decay stays in the graph (its gradient is 0, not missing).
         state = k_col.new_zeros(torch.broadcast_shapes(k_col.shape, v_row.shape)) if state is None else state.to(acc)
         state = decay * state + k_col * v_row  # (B, H, N, P)
