@@ -14,7 +14,8 @@ import argparse
 import json
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see docs/performance.md
+# The bench's short-spin OpenMP policy (vitlinearizer.bench.openmp), set before torch loads OpenMP.
+os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 import sys
 import time
 from pathlib import Path

@@ -31,6 +31,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 from vitlinearizer.bench import check_script_target, non_negative_int, positive_int  # noqa: E402
+from vitlinearizer.bench.openmp import openmp_env  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"full": {}, "rowblock": dict(row_block_size=512), "anchors": dict(num_anchors=256)}
 
@@ -97,7 +98,8 @@ def run_fresh(spec: dict, timeout: float) -> dict:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see docs/performance.md
+        if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:  # the bench's CPU default
+            env = openmp_env("short-spin", env)
         proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path), str(out_path)],
                               capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:

@@ -20,7 +20,8 @@ import argparse
 import json
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see docs/performance.md
+# The bench's short-spin OpenMP policy (vitlinearizer.bench.openmp), set before torch loads OpenMP.
+os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 import platform
 import sys
 import time
@@ -106,7 +107,8 @@ def run(args) -> dict:
                or platform.machine(), threads=torch.get_num_threads(), torch=torch.__version__,
                python=platform.python_version(), dtype=args.dtype,
                default_chunk_per_head=chunked_mod.DEFAULT_CHUNK_SIZE_PER_HEAD,
-               default_chunk_per_channel=chunked_mod.DEFAULT_CHUNK_SIZE_PER_CHANNEL)
+               default_chunk_per_channel=chunked_mod.DEFAULT_CHUNK_SIZE_PER_CHANNEL,
+               openmp={name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
     try:
         with open("/proc/cpuinfo") as fh:
             env["cpu"] = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)

@@ -228,6 +228,35 @@ def test_worker_failure_note_names_the_exception():
     assert "KeyError: 'nope'" in str(info.value)[:200]
 
 
+@pytest.mark.parametrize("policy, expected", [
+    ("short-spin", {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "5000"}),
+    ("passive", {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None}),
+    ("inherit", {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "7"}),
+])
+def test_measuring_process_runs_under_the_requested_openmp_policy(monkeypatch, policy, expected):
+    """The policy reaches the worker as it starts (libgomp reads its variables once, when torch loads it), and
+    replaces both inherited variables: a leftover GOMP_SPINCOUNT would override OMP_WAIT_POLICY."""
+    from vitlinearizer.bench.worker import run_worker
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    result = run_worker(dict(task="timing", pair="demo", size=[32, 32], dtype="float32", device="cpu",
+                             roles=["student"], warmup=0, repeats=1, omp_wait_policy=policy))
+    assert result["openmp"] == expected
+
+
+def test_openmp_policy_defaults_and_errors(monkeypatch):
+    from vitlinearizer.bench.openmp import describe_openmp_env
+
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    assert bench.BenchOptions.from_args(parser.parse_args(["--device", "cpu"])).omp_wait_policy == "short-spin"
+    assert describe_openmp_env("short-spin", {"OMP_WAIT_POLICY": "PASSIVE"}) == "short-spin (GOMP_SPINCOUNT=5000)"
+    assert describe_openmp_env("inherit", {}) == "inherit (OpenMP defaults)"
+    with pytest.raises(ValueError, match="omp_wait_policy must be one of short-spin, passive, active, inherit"):
+        bench.BenchOptions(pairs=["demo"], sizes=[(32, 32)], dtypes=["float32"], omp_wait_policy="PASSIVE")
+
+
 def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
     """Rewriting benchmarks/results: a write that fails half-way leaves the previous file whole."""
     from vitlinearizer.bench import report

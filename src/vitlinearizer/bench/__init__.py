@@ -39,6 +39,7 @@ from ..checkpoint import check_output_dir, check_writable
 from ..data import parse_size
 from .models import (PAIRS, build_model, count_flops, model_flops, model_label, model_spec, token_count,
                      token_patch)
+from .openmp import OMP_POLICIES, SHORT_SPIN_COUNT, describe_openmp_env
 from .report import _lat, compute_slopes, fit_loglog_slope, markdown_table, write_outputs, write_plot
 
 __all__ = ["PAIRS", "BenchOptions", "add_bench_arguments", "build_model", "compute_slopes", "count_flops",
@@ -84,11 +85,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=argparse.SUPPRESS,
                         help="stop starting configurations after this much time (default: 12 on CPU, 6 on CUDA; "
                              "a configuration already started may run its --time-budget past it)")
-    parser.add_argument("--omp-wait-policy", choices=["passive", "active", "inherit"], default=argparse.SUPPRESS,
-                        help="OMP_WAIT_POLICY of the measuring processes (default: passive on CPU: idle OpenMP "
-                             "threads sleep instead of spinning, which on a CPU shared with other processes "
-                             "keeps them from stealing the core of the thread doing the work; inherit: leave "
-                             "the environment as it is)")
+    parser.add_argument("--omp-wait-policy", choices=OMP_POLICIES, default=argparse.SUPPRESS,
+                        help="how idle OpenMP threads of the measuring processes wait (default on CPU: short-spin, "
+                             f"GOMP_SPINCOUNT={SHORT_SPIN_COUNT}: they spin ~50 us, then sleep; passive: they sleep "
+                             "at once, and every parallel op pays a wake-up; active: they spin; inherit: the "
+                             "environment as it is, i.e. torch's default ~3 ms spin; docs/performance.md)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the JSON/markdown/plot go")
     parser.add_argument("--tag", default=argparse.SUPPRESS, help="file name stem (default: bench_<device>[_<gpu name>])")
@@ -134,7 +135,7 @@ class BenchOptions:
     time_budget: float = 120.0
     max_minutes: float = 12.0
     memory: bool = True
-    omp_wait_policy: str = "passive"
+    omp_wait_policy: str = "short-spin"
     output_dir: str = DEFAULT_OUTPUT_DIR
     tag: str | None = None
     command: list[str] = field(default_factory=list)
@@ -153,6 +154,8 @@ class BenchOptions:
                 raise ValueError(f"{flag} must be > 0, got {value:g}")
         if self.tag is not None:
             check_tag(self.tag)
+        if self.omp_wait_policy not in OMP_POLICIES:
+            raise ValueError(f"omp_wait_policy must be one of {', '.join(OMP_POLICIES)}, got {self.omp_wait_policy!r}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchOptions":
@@ -177,7 +180,7 @@ class BenchOptions:
             time_budget=float(pick("time_budget", 120.0 if cpu else 60.0)),
             max_minutes=float(pick("max_minutes", 12.0 if cpu else 6.0)),
             memory=not args.no_memory,
-            omp_wait_policy=getattr(args, "omp_wait_policy", None) or ("passive" if cpu else "inherit"),
+            omp_wait_policy=getattr(args, "omp_wait_policy", None) or ("short-spin" if cpu else "inherit"),
             output_dir=args.output_dir,
             tag=getattr(args, "tag", None),
             command=sys.argv[:],
@@ -448,8 +451,7 @@ def _environment(opts: BenchOptions) -> dict:
     env = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
                platform=platform.platform(), machine=platform.machine(), cpu_count=os.cpu_count(),
                threads=opts.threads or torch.get_num_threads(), device=opts.device,
-               omp_wait_policy=(opts.omp_wait_policy if opts.omp_wait_policy != "inherit"
-                                else os.environ.get("OMP_WAIT_POLICY", "unset")))
+               omp_wait_policy=describe_openmp_env(opts.omp_wait_policy, dict(os.environ)))
     try:
         env["load_average"] = os.getloadavg()
     except OSError:

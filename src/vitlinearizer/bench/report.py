@@ -70,7 +70,7 @@ def _fmt(v, spec=".2f", suffix=""):
 def markdown_table(results: dict) -> str:
     env = results["meta"]["environment"]
     head = (f"Device: {env.get('gpu') or env.get('cpu') or env['device']} ({env['device']}, {env['threads']} threads, "
-            f"OMP_WAIT_POLICY={env.get('omp_wait_policy')}), "
+            f"OpenMP wait: {env.get('omp_wait_policy')}), "
             f"torch {env['torch']}, timm {env['timm']}. Latency: batch 1, min over alternating repetitions "
             f"(n = repetitions); throughput: images/s at the given batch. Ideal = teacher FLOPs / student FLOPs. "
             f"Memory: peak minus pre-forward ({'CUDA allocator' if env['device'] == 'cuda' else 'process RSS'}), MB.")

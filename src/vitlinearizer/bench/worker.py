@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .models import build_model
-
+from .openmp import openmp_env
 
 def _rss_now() -> int | None:
     try:
@@ -149,6 +149,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     task = {"memory": worker_memory, "timing": worker_timing}[spec["task"]]
     result = task(spec)
+    result["openmp"] = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # as it ran
     Path(argv[1]).write_text(json.dumps(result))
     return 0
 
@@ -158,11 +159,9 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="vl_bench_") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ)
+        env = openmp_env(spec.get("omp_wait_policy", "inherit"), dict(os.environ))
         src = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        if spec.get("omp_wait_policy", "inherit") != "inherit":
-            env["OMP_WAIT_POLICY"] = spec["omp_wait_policy"].upper()
         proc = subprocess.run([sys.executable, "-m", "vitlinearizer.bench.worker", str(spec_path), str(out_path)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out_path.exists():
