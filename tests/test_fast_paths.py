@@ -131,6 +131,7 @@ def test_chunk_carry_in_serial_pieces_matches_the_plain_recurrence(decay_rows, c
     # A grain of 4 elements cuts a state of 7 rows of 2 into pieces of 2 rows, the last one short; the decay
     # broadcasts over the rows (per head) or has one per row (per channel).
     monkeypatch.setattr(serial_mod, "ATEN_GRAIN_SIZE", 4)
+    monkeypatch.setattr(serial_mod, "SERIAL_UPDATES", True)
     gen = torch.Generator().manual_seed(1)
     states = torch.randn(1, 9, 7, 2, generator=gen, dtype=torch.float64)
     half = -torch.rand(1, 9, decay_rows, 1, generator=gen, dtype=torch.float64) * 3

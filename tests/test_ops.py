@@ -281,6 +281,7 @@ def test_a_float64_input_keeps_float64_precision(impl, wide):
 def test_recurrent_step_in_serial_pieces_leaves_the_callers_state_alone(per_channel, monkeypatch):
     # A grain of 12 elements cuts each (1, 5, 2, 3) state into head pieces of 2, 2 and 1 heads.
     monkeypatch.setattr(serial_mod, "ATEN_GRAIN_SIZE", 12)
+    monkeypatch.setattr(serial_mod, "SERIAL_UPDATES", True)
     q, k, v, a = (t.detach() for t in make_inputs(1, 6, 5, 2, 3, per_channel, seed=12))
     assert len(serial_mod.serial_slices(torch.empty(1, 5, 2, 3), dim=1)) == 3
     y_ref, s_ref = linear_recurrence(q, k, v, a, impl="naive", return_final_state=True)
@@ -295,7 +296,8 @@ def test_recurrent_step_in_serial_pieces_leaves_the_callers_state_alone(per_chan
     torch.testing.assert_close(state, s_ref)
 
 
-def test_serial_slices_cut_only_cpu_tensors_above_the_grain():
+def test_serial_slices_cut_only_cpu_tensors_above_the_grain(monkeypatch):
+    monkeypatch.setattr(serial_mod, "SERIAL_UPDATES", True)
     grain = serial_mod.ATEN_GRAIN_SIZE
     assert serial_mod.serial_slices(torch.empty(1, 4, grain // 8), dim=1) == [slice(None)]  # under the grain
     assert serial_mod.serial_slices(torch.empty(3, grain + 1), dim=0) == [slice(None)]  # one row above it
@@ -305,3 +307,19 @@ def test_serial_slices_cut_only_cpu_tensors_above_the_grain():
     assert len(pieces) == 2 and all(state[:, s].numel() <= grain for s in pieces)
     assert sum(state[:, s].shape[1] for s in pieces) == 12
     assert serial_mod.serial_slices(state.to("meta"), dim=1) == [slice(None)]  # off the CPU: one piece
+    monkeypatch.setattr(serial_mod, "SERIAL_UPDATES", False)  # threads that spin share the update
+    assert serial_mod.serial_slices(state, dim=1) == [slice(None)]
+
+
+@pytest.mark.parametrize("env, serial", [
+    ({}, False),  # torch's default: libgomp spins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, True),
+    ({"OMP_WAIT_POLICY": " passive "}, True),
+    ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "5000"}, False),  # the spin count takes precedence
+    ({"OMP_WAIT_POLICY": "active"}, False),
+    ({"GOMP_SPINCOUNT": "0"}, True),
+    ({"GOMP_SPINCOUNT": "0k", "OMP_WAIT_POLICY": "active"}, True),
+    ({"GOMP_SPINCOUNT": "infinite"}, False),
+])
+def test_state_updates_go_serial_only_when_openmp_threads_sleep_at_once(env, serial):
+    assert serial_mod.threads_sleep_at_once(env) is serial
