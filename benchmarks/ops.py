@@ -35,6 +35,7 @@ from vitlinearizer.ops import chunked as chunked_mod  # noqa: E402
 from vitlinearizer.ops.fla_bridge import fla_available  # noqa: E402
 from vitlinearizer.bench import check_script_target, non_negative_int, positive_int  # noqa: E402
 from vitlinearizer.bench.timing import alternating_times, summarize  # noqa: E402
+from vitlinearizer.bench.openmp import OPENMP_VARIABLES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,7 +109,7 @@ def run(args) -> dict:
                python=platform.python_version(), dtype=args.dtype,
                default_chunk_per_head=chunked_mod.DEFAULT_CHUNK_SIZE_PER_HEAD,
                default_chunk_per_channel=chunked_mod.DEFAULT_CHUNK_SIZE_PER_CHANNEL,
-               openmp={name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")})
+               openmp={name: os.environ.get(name) for name in OPENMP_VARIABLES})
     try:
         with open("/proc/cpuinfo") as fh:
             env["cpu"] = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), None)

@@ -245,7 +245,7 @@ def test_measuring_process_runs_under_the_requested_openmp_policy(monkeypatch, p
     assert result["openmp"] == expected
 
 
-def test_openmp_policy_defaults_and_errors(monkeypatch):
+def test_openmp_policy_defaults_and_errors():
     from vitlinearizer.bench.openmp import describe_openmp_env
 
     parser = argparse.ArgumentParser()

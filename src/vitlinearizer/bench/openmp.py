@@ -9,6 +9,7 @@ parallel op.
 from __future__ import annotations
 
 OMP_POLICIES = ("short-spin", "passive", "active", "inherit")
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 SHORT_SPIN_COUNT = 5000
 
 
@@ -19,7 +20,7 @@ def openmp_env(policy: str, env: dict[str, str]) -> dict[str, str]:
         raise ValueError(f"unknown OpenMP wait policy {policy!r}; choose one of {', '.join(OMP_POLICIES)}")
     if policy == "inherit":
         return dict(env)
-    env = {name: value for name, value in env.items() if name not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {name: value for name, value in env.items() if name not in OPENMP_VARIABLES}
     if policy == "short-spin":
         env["GOMP_SPINCOUNT"] = str(SHORT_SPIN_COUNT)
     else:
@@ -30,5 +31,5 @@ def openmp_env(policy: str, env: dict[str, str]) -> dict[str, str]:
 def describe_openmp_env(policy: str, env: dict[str, str]) -> str:
     """How the measuring processes wait, for the report: the policy and the variables it leaves them."""
     env = openmp_env(policy, env)
-    settings = [f"{name}={env[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if name in env]
+    settings = [f"{name}={env[name]}" for name in OPENMP_VARIABLES if name in env]
     return f"{policy} ({', '.join(settings) or 'OpenMP defaults'})"

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .models import build_model
-from .openmp import openmp_env
+from .openmp import OPENMP_VARIABLES, openmp_env
+
 
 def _rss_now() -> int | None:
     try:
@@ -149,7 +150,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     task = {"memory": worker_memory, "timing": worker_timing}[spec["task"]]
     result = task(spec)
-    result["openmp"] = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # as it ran
+    result["openmp"] = {name: os.environ.get(name) for name in OPENMP_VARIABLES}  # as it ran
     Path(argv[1]).write_text(json.dumps(result))
     return 0
 
