@@ -322,3 +322,25 @@ def test_resampled_position_embedding_follows_writes_that_keep_the_version():
         reference = model(x).detach()  # the autograd path never caches
     torch.testing.assert_close(after, reference)
     assert not torch.allclose(before, after)
+
+
+def test_dynamic_img_pad_equals_the_zero_padded_input_at_any_size():
+    """timm's ViT option: a side that is not a multiple of the patch is zero-padded at the bottom / right, so the
+    model sees exactly the padded image (one token grid for both), with gradients, intermediates and FX alike."""
+    torch.manual_seed(0)
+    model = timm.create_model("adventurer_nano_patch4_28", num_classes=5, dynamic_img_pad=True).eval()
+    x = torch.randn(2, 3, 29, 18)
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 3))  # 32 x 20: the next multiples of 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(padded), rtol=0, atol=0)
+        _, (stage,) = model.forward_intermediates(x, indices=[1])
+    assert stage.shape == (2, model.embed_dim, 8, 5)
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+    model.train()
+    model(x).sum().backward()
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+    plain = timm.create_model("adventurer_nano_patch4_28", num_classes=5)
+    with pytest.raises(ValueError, match="not a multiple of the patch size 4x4"):
+        plain(x)

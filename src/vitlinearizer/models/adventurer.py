@@ -67,11 +67,13 @@ class Adventurer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
         use_mask_token: bool = False,
+        dynamic_img_pad: bool = False,
         **kwargs,
     ):
         super().__init__()
         if kwargs.pop("dynamic_img_size", True) is False:
-            raise ValueError("Adventurer always accepts any resolution that is a multiple of the patch size")
+            raise ValueError("Adventurer always accepts any resolution that is a multiple of the patch size "
+                             "(any resolution with dynamic_img_pad=True)")
         kwargs.pop("pretrained_cfg", None)
         # timm's factory arguments (create_model(..., device="meta", dtype=torch.bfloat16)), as its ViT takes them.
         device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
@@ -87,7 +89,10 @@ class Adventurer(nn.Module):
         self.grad_checkpointing = False
 
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+            # dynamic_img_pad (as timm's ViT): a side that is not a multiple of the patch is zero-padded at the
+            # bottom / right to the next multiple, instead of refused.
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False,
+                                          dynamic_img_pad=dynamic_img_pad)
             self.patch_grid(*self.patch_embed.img_size)  # the native resolution must fit the patch too
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
@@ -180,8 +185,9 @@ class Adventurer(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Token grid for an input size; a clear error when a side is not a multiple of the patch size."""
-        return patch_grid(height, width, self.patch_embed.patch_size)
+        """Token grid for an input size; a clear error when a side is not a multiple of the patch size (unless
+        the model pads it: ``dynamic_img_pad``)."""
+        return patch_grid(height, width, self.patch_embed.patch_size, pad=self.patch_embed.dynamic_img_pad)
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         """The patch embedding as one GEMM over (B, N, C*p*p) patches: the same numbers as the stride-p Conv2d
@@ -343,10 +349,12 @@ def nearest_patch_multiple(height: int, width: int, patch_size: tuple[int, int])
     return max(ph, round(height / ph) * ph), max(pw, round(width / pw) * pw)
 
 
-def patch_grid(height: int, width: int, patch_size: tuple[int, int]) -> tuple[int, int]:
+def patch_grid(height: int, width: int, patch_size: tuple[int, int], pad: bool = False) -> tuple[int, int]:
     """Token grid of any patch-embedding model for an input size; a clear error when a side is not a multiple
-    of the patch size (timm's ViT would silently crop it)."""
+    of the patch size (timm's ViT would silently crop it), or with ``pad`` the grid of the input padded to one."""
     ph, pw = patch_size
+    if pad:
+        return -(-height // ph), -(-width // pw)
     if height % ph or width % pw:
         fit = nearest_patch_multiple(height, width, patch_size)
         raise ValueError(
