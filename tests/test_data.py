@@ -443,8 +443,15 @@ def test_check_data_source_finds_missing_folders_without_reading_images(tree, tm
     def no_scan(*args, **kwargs):
         raise AssertionError("check_data_source must not scan or open images")
 
+    real_walk = os.walk
+
+    def walk_only_folders_of_no_class(top, *args, **kwargs):  # whether such a folder is empty is looked up
+        if Path(top).name != "zebra":
+            raise AssertionError("check_data_source must not scan or open images")
+        return real_walk(top, *args, **kwargs)
+
     monkeypatch.setattr(Image, "open", no_scan)
-    monkeypatch.setattr(os, "walk", no_scan)
+    monkeypatch.setattr(os, "walk", walk_only_folders_of_no_class)
     check_data_source(cfg)
     (root / "val").rename(root / "elsewhere")
     check_data_source(cfg, splits=("train", "holdout"))
@@ -452,6 +459,8 @@ def test_check_data_source_finds_missing_folders_without_reading_images(tree, tm
         check_data_source(cfg)
     (root / "elsewhere" / "zebra").mkdir()
     (root / "elsewhere").rename(root / "test")
+    check_data_source(cfg, splits=("test",))  # an empty folder of no class adds no image: ignored
+    (root / "test" / "zebra" / "z.png").write_bytes(b"")  # a file of an image's name, never opened here
     with pytest.raises(ValueError, match="zebra"):
         check_data_source(cfg, splits=("test",))
     with pytest.raises(FileNotFoundError, match="train/ and val/ .or validation/ or test/"):

@@ -520,3 +520,27 @@ def test_resume_refuses_changed_data_or_schedule(tmp_path, change, named):
         W.train(tmp_path, task=W.make_task(signal_at_call=7))
     with pytest.raises(CheckpointError, match=rf"cannot resume .*'{named}'"):
         W.train(tmp_path, resume=True, **change)
+
+
+@pytest.mark.parametrize("cfg,fixes", [
+    ({"batch_size": 32, "accum_steps": 1}, {"batch_size": 29, "drop_last": False}),
+    ({"batch_size": 32, "accum_steps": 2}, {"batch_size": 14}),  # drop_last false alone leaves 1 batch < 2
+    ({"batch_size": 32, "accum_steps": 2, "drop_last": False}, {"batch_size": 14, "accum_steps": 1}),
+])
+def test_a_dataset_smaller_than_one_step_names_the_options_that_fix_it(tmp_path, cfg, fixes):
+    from vitlinearizer.engine import Trainer
+
+    def trainer(**override):
+        config = TrainConfig(**{**W.BASE_CFG, "warmup_steps": 0, **cfg, **override})
+        return Trainer(W.make_task(), W.AugDataset(29), config, tmp_path, device="cpu")
+
+    with pytest.raises(ValueError, match=r"the dataset \(29 samples\) is too small for one step") as err:
+        trainer()
+    message = str(err.value)
+    named = {"batch_size": f"--train.batch_size ({fixes.get('batch_size')} fits)",
+             "drop_last": "--train.drop_last false",
+             "accum_steps": f"--train.accum_steps ({fixes.get('accum_steps')} fits)"}
+    for field, text in named.items():
+        assert (text in message) == (field in fixes), (field, message)
+    for field, value in fixes.items():  # every option named really gives a step
+        assert trainer(**{field: value}).steps_per_epoch >= 1

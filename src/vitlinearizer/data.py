@@ -327,11 +327,26 @@ def _list_classes(split_dir: Path) -> list[str]:
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _split_classes(split_dir: Path, class_names: Optional[Sequence[str]]) -> tuple[list[str], list[str]]:
-    """(classes in label order, those without a folder in ``split_dir``); ValueError for a folder of no class."""
+def _is_image_name(name: str) -> bool:
+    """Whether ImageFolderDataset takes a file of this name as an image (it is only decoded later)."""
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _holds_image_files(folder: Path) -> bool:
+    """Whether any file under ``folder`` has an image name; stops at the first (no image is opened)."""
+    return any(_is_image_name(f) for _, filenames in walk_following_links(folder) for f in filenames)
+
+
+def _split_classes(split_dir: Path, class_names: Optional[Sequence[str]]
+                   ) -> tuple[list[str], list[str], list[str]]:
+    """(classes in label order, those without a folder in ``split_dir``, folders of no class that hold no image
+    files and are ignored); ValueError for a folder of no class that holds image files. See ImageFolderDataset
+    for the rule. Only the folders of no class are listed (there are rarely any), and no image is opened."""
     present = _list_classes(split_dir)
     classes = list(class_names) if class_names is not None else present
-    unknown = sorted(set(present) - set(classes))
+    extra = sorted(set(present) - set(classes))
+    ignored = [u for u in extra if not _holds_image_files(split_dir / u)]  # contributes no sample: harmless
+    unknown = [u for u in extra if u not in ignored]
     if unknown:
         # Whether the classes are train/'s or an exported model's, they are the ones a model is trained on.
         composed = {unicodedata.normalize("NFC", c): c for c in classes}
@@ -340,7 +355,7 @@ def _split_classes(split_dir: Path, class_names: Optional[Sequence[str]]) -> tup
                 if unicodedata.normalize("NFC", u) in composed]
         raise ValueError(f"{split_dir} has class folder(s) the model was not trained on: {unknown}; the model's "
                          f"classes are {classes}" + (f". {'; '.join(same)}" if same else ""))
-    return classes, sorted(set(classes) - set(present))
+    return classes, sorted(set(classes) - set(present)), ignored
 
 
 def _eval_split_dir(root: str | os.PathLike) -> str:
@@ -373,6 +388,19 @@ def walk_following_links(class_dir: Path) -> Iterator[tuple[str, list[str]]]:
 class ImageFolderDataset(VisionDataset):
     """``root/<split>/<class>/**/<image>``; undecodable files are dropped at construction into ``skipped``.
 
+    Class folders, empty ones included: the classes are ``class_names`` (by default, and as :func:`build_dataset`
+    passes them, ``train/``'s class folders in sorted order, hidden ones excepted), whatever the folders hold.
+    This list is read without opening an image (``dataset_info``, ``check_data_source``), sizes the model's head
+    and is recorded in exports and compared with a logit teacher's, so it cannot depend on which images decode:
+
+    - a class folder with no usable image (none, or only undecodable files) keeps its class and label index, with
+      a DataWarning. In ``train/`` that gives the model an output for a class it never sees an example of: delete
+      the folder (or add images). In an evaluation split the class is simply not scored.
+    - a split may lack a class folder (DataWarning), which is the same as an empty one.
+    - a folder that is not among the classes is ignored, with a DataWarning, when it holds no image files (no
+      file with an image extension; other files do not count); when it holds image files it is an error (ValueError
+      naming it): those images would be scored against classes the model has no output for.
+
     verify: "full" decodes every image once (~1 ms per small image, about a minute per 20k ImageNet-size JPEGs
     on one core; cached per file), "header" only parses headers, "none" trusts the tree. A file that still fails
     in ``__getitem__`` is replaced by the next sample and appended to ``skipped`` (in the worker process that
@@ -383,15 +411,18 @@ class ImageFolderDataset(VisionDataset):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
         self.root, self.split_dir = Path(root), Path(root) / split
-        classes, missing = _split_classes(self.split_dir, class_names)
+        classes, missing, no_class = _split_classes(self.split_dir, class_names)
         if missing:
             warnings.warn(f"{self.split_dir} lacks class folder(s) {missing}", DataWarning, stacklevel=2)
+        if no_class:
+            warnings.warn(f"{self.split_dir}: ignoring folder(s) {no_class}: they hold no images and are not among "
+                          f"the model's classes {classes}; delete them to silence this", DataWarning, stacklevel=2)
         candidates, ignored = [], []
         for label, name in enumerate(classes):
             for dirpath, filenames in walk_following_links(self.split_dir / name):
                 for f in filenames:
                     path = os.path.join(dirpath, f)
-                    ok = f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")
+                    ok = _is_image_name(f)
                     (candidates.append((path, label)) if ok else ignored.append(path))
         ignored += [str(p) for p in self.split_dir.iterdir() if p.is_file()]  # loose files outside class dirs
         skipped, samples = [], []
@@ -402,16 +433,24 @@ class ImageFolderDataset(VisionDataset):
             msg = f"{len(skipped)} unreadable file(s) in {self.split_dir} (at most 50 listed):\n" + "\n".join(
                 f"  {p}: {r}" for p, r in skipped[:50])
             if strict:
-                raise ValueError(f"strict=True and {msg}")
-            warnings.warn(msg + "\n(skipped; pass strict=True to make this an error)", DataWarning, stacklevel=2)
+                raise ValueError(f"{msg}\n(data.strict=true makes unreadable files an error; with data.strict=false "
+                                 "(--data.strict false) they are skipped with a warning)")
+            warnings.warn(msg + "\n(skipped; set data.strict=true (--data.strict true) to make this an error)",
+                          DataWarning, stacklevel=2)
         if not samples:
             raise ValueError(f"no decodable images ({', '.join(IMG_EXTENSIONS)}) in {self.split_dir}'s class folders")
         super().__init__(np.array([p for p, _ in samples], dtype=object), [l for _, l in samples],
                          classes, transform)
         self.skipped = skipped
         empty = [c for c, n in zip(classes, self.class_counts()) if n == 0 and c not in missing]
-        if empty:
-            warnings.warn(f"{self.split_dir}: class(es) {empty} have no usable images (indices kept)", DataWarning, 2)
+        if empty and split == "train":
+            warnings.warn(f"{self.split_dir}: class folder(s) {empty} hold no usable images but still count as "
+                          f"classes (the classes are train/'s folders: {classes}), so the model gets an output for a "
+                          f"class it never sees an example of; delete the folder(s), or add images, and rerun",
+                          DataWarning, 2)
+        elif empty:
+            warnings.warn(f"{self.split_dir}: class folder(s) {empty} hold no usable images; those classes are not "
+                          "scored", DataWarning, 2)
         self.report = dict(found=len(candidates), valid=len(samples), skipped=len(skipped), ignored=len(ignored),
                            ignored_examples=ignored[:10], empty_classes=empty, missing_classes=missing, verify=verify)
         self._bad: set[str] = set()
@@ -520,7 +559,7 @@ def check_data_source(cfg: DataConfig, splits: Sequence[str] = ("train", "test")
     Raises:
         FileNotFoundError: Missing Fashion-MNIST files, ``root/train/``, or all of ``root/{val,validation,test}/``.
         ValueError: A bad config or split, a train/ without class folders, or an evaluation folder with a class
-            folder that train/ lacks.
+            folder that train/ lacks and that holds image files (an empty one is ignored, see ImageFolderDataset).
     """
     for split in splits:
         _check_split(cfg, split)

@@ -171,6 +171,24 @@ def cleanup_distributed() -> None:
 # --------------------------------------------------------------------------- trainer
 
 
+def _too_small_fixes(n: int, cfg: TrainConfig, world_size: int) -> str:
+    """The settings that would give a dataset of ``n`` samples at least one optimiser step per epoch (as
+    EpochBatchSampler counts them), phrased as command-line options."""
+    b, a, w = cfg.batch_size, cfg.accum_steps, world_size
+    fixes = []
+    if n // (a * w) >= 1:  # with drop_last, a step needs accum_steps x world_size full batches
+        fixes.append(f"a smaller --train.batch_size ({n // (a * w)} fits)")
+    if cfg.drop_last and math.ceil(n / (b * w)) >= a:
+        fixes.append("--train.drop_last false (an epoch then ends with an incomplete batch)")
+    reach = math.ceil(n / (b * w)) if not cfg.drop_last else n // (b * w)
+    if a > 1 and reach >= 1:
+        fixes.append(f"a smaller --train.accum_steps ({reach} fits)")
+    if not fixes:
+        return "add training images" + (", or pass --train.drop_last false with a smaller --train.accum_steps"
+                                        if a > 1 else "")
+    return "pass " + ", or ".join(fixes) + "; or add training images"
+
+
 class Trainer:
     """Trains a :class:`Task` with AdamW, warm-up + cosine LR, EMA, bf16 autocast and DDP.
 
@@ -209,7 +227,8 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ValueError(f"the dataset ({len(train_dataset)} samples) is too small for one step of batch_size="
-                             f"{cfg.batch_size} x accum_steps={cfg.accum_steps} x world_size={self.world_size}")
+                             f"{cfg.batch_size} x accum_steps={cfg.accum_steps} x world_size={self.world_size}; "
+                             + _too_small_fixes(len(train_dataset), cfg, self.world_size))
         self.optimizer = build_optimizer(task, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
