@@ -387,7 +387,7 @@ def test_a_diverged_run_is_a_one_line_error(tmp_path, capsys, monkeypatch):
                "epoch 1); the last good checkpoint is run/checkpoints/step_00000008. Lower lr, set clip_grad or check "
                "the data.")
 
-    def diverge(cfg, resume=False):
+    def diverge(cfg, resume=False, explicit=None):
         raise TrainingDivergedError(message)
 
     monkeypatch.setattr(runner, "finetune", diverge)

@@ -167,3 +167,18 @@ def test_library_warnings_print_as_one_line(tmp_path):
     # Warnings from elsewhere keep Python's format.
     other = warnings.formatwarning("careful", UserWarning, "/elsewhere/lib.py", 7, "x()")
     assert other.startswith("/elsewhere/lib.py:7: UserWarning: careful")
+
+
+@pytest.mark.parametrize("model, message", [
+    ("vit_tinyy", "unknown timm model 'vit_tinyy'; close matches: vit_tiny_patch16_224"),
+    ("resnet18", "teacher must be a ViT-family timm model with patch tokens; got 'resnet18'"),
+    ("swin_tiny_patch4_window7_224", "got 'swin_tiny_patch4_window7_224' (SwinTransformer, lacks blocks"),
+])
+def test_train_teacher_refuses_a_teacher_distill_would_refuse_before_reading_data(model, message, tmp_path, capsys):
+    # The data root does not exist: the model is checked first, as distill would check it, not after a data scan.
+    argv = ["train-teacher", "--data.name", "imagefolder", "--data.root", str(tmp_path / "absent"),
+            "--teacher.model", model, "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

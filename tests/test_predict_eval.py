@@ -285,7 +285,7 @@ TINY = ["--data.name", "synthetic", "--data.img_size", "28", "--data.synthetic_l
 
 
 def test_a_refused_resume_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
-    def refuse(cfg, resume):
+    def refuse(cfg, resume, explicit=None):
         raise CheckpointError("cannot resume run/checkpoints/step_00000004 exactly, these settings changed")
     monkeypatch.setattr(runner, "finetune", refuse)
     assert main(["finetune", *TINY, "--output_dir", str(tmp_path / "run"), "--resume"]) == 2

@@ -299,6 +299,9 @@ def test_rejects_non_vit_and_suggests_names():
         Teacher("resnet18", img_size=32)
     with pytest.raises(ValueError, match="unknown timm model 'vit_tiny_patch16_2244'.*vit_tiny_patch16_224"):
         Teacher("vit_tiny_patch16_2244")
+    # A misspelt prefix: the names sharing it come first, not difflib's shorter look-alikes (gcvit_tiny, ...).
+    with pytest.raises(ValueError, match="unknown timm model 'vit_tinyy'; close matches: vit_tiny_patch16_224"):
+        Teacher("vit_tinyy")
     # Shaped like a ViT, but with the class token last: refused, not misread.
     with pytest.raises(ValueError, match="class token first; got 'adventurer_nano_patch4_28'.*class token last"):
         Teacher("adventurer_nano_patch4_28")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import difflib
+import functools
 import json
 import sys
 import typing
@@ -290,23 +291,30 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"invalid YAML in {where}: {problem}; check the quotes, brackets and the space after each colon"
 
 
+def _explicit_keys(args: argparse.Namespace, base: dict) -> set[str]:
+    """The flattened config keys (``data.img_size``, ``student.model``, ...) the user set, in the ``--config`` file
+    (``base``: its values) or as flags: these are kept where a checkpoint's own record would otherwise fill them."""
+    from .runner import flatten_config
+    return set(flatten_config(base)) | set(overrides_from(args))
+
+
 def _explicit_data_keys(args: argparse.Namespace, base: dict) -> set[str]:
-    """data.* fields the user set (``base``: the YAML's values, or a flag): eval keeps these instead of the
-    export's own."""
-    keys = set(base.get("data") or {}) if isinstance(base.get("data"), dict) else set()
-    return keys | {k[len("data."):] for k in overrides_from(args) if k.startswith("data.")}
+    """data.* fields the user set: eval keeps these instead of the export's own."""
+    return {k[len("data."):] for k in _explicit_keys(args, base) if k.startswith("data.")}
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import evaluation, runner
 
     if args.command in TRAINING_COMMANDS:
-        cfg = resolve_config(args, args.command)
+        base = _yaml_values(args)
+        cfg = resolve_config(args, args.command, base)
         _note_unread_flags(args, args.command, cfg)
+        explicit = _explicit_keys(args, base)
         if args.command != "train-teacher":
-            # The architecture a student.checkpoint records, as the run (and its config.yaml) will have it: what
-            # --print-config shows and what --dry-run builds, which would otherwise be the default student.
-            cfg = runner.resolve_student(cfg)
+            # The architectures student.checkpoint and teacher.weights record, as the run (and its config.yaml) will
+            # have them: what --print-config shows and what --dry-run builds, which would otherwise be the defaults.
+            cfg = runner.resolve_architectures(cfg, explicit)
         if args.print_config:
             print(C.dump_yaml(cfg), end="")
             return 0
@@ -317,7 +325,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.dry_run:
             warnings.filterwarnings("ignore", message="teacher.weights is not set")
             cfg = runner.dry_run_config(cfg, run_dir)
-        stage = {"train-teacher": runner.train_teacher, "distill": runner.distill, "finetune": runner.finetune}
+        stage = {"train-teacher": runner.train_teacher, "distill": functools.partial(runner.distill, explicit=explicit),
+                 "finetune": functools.partial(runner.finetune, explicit=explicit)}
         summary = stage[args.command](cfg, resume=args.resume and not args.dry_run)
         if summary and "exported" in summary:  # the exporting process (rank 0 under torchrun) reports for all
             print(json.dumps({k: summary[k] for k in ("exported", "test", "curves", "steps") if k in summary}, indent=2,

@@ -142,10 +142,12 @@ HELP = {
     "student.grad_checkpointing": "recompute each block in the backward instead of keeping its activations "
                                   "(less memory at high resolution, ~1/3 more compute; outputs unchanged)",
     "student.model_kwargs": "extra keyword arguments for timm.create_model",
-    "student.checkpoint": "initial student weights (.safetensors), e.g. a distilled student for finetune",
+    "student.checkpoint": "initial student weights (.safetensors), e.g. a distilled student for finetune; an export "
+                          "of this library also gives the model, mixer and model_kwargs you leave unset",
     "teacher.model": "teacher architecture (timm ViT name)",
     "teacher.model_kwargs": "extra keyword arguments for the teacher's timm.create_model",
-    "teacher.weights": "local teacher weights (.safetensors / .pth / .bin)",
+    "teacher.weights": "local teacher weights (.safetensors / .pth / .bin); a train-teacher export also gives the "
+                       "model and model_kwargs you leave unset",
     "teacher.ignore_head": "drop the checkpoint's classifier (e.g. other class count)",
     "teacher.prefer_ema": "take the EMA weights (model_ema / state_dict_ema) of a checkpoint that holds both, as "
                           "timm's train.py writes them; default: the raw weights",

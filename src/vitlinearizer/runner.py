@@ -15,6 +15,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Collection
 
 import safetensors
 import timm
@@ -26,7 +27,7 @@ import yaml
 from . import models  # noqa: F401  (registers the students with timm)
 from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
                          read_export_metadata, update_pretrained_cfg, write_text_atomic)
-from .config import RunConfig, StudentConfig, dump_yaml
+from .config import RunConfig, StudentConfig, TeacherConfig, dump_yaml
 from .curves import plot_curves, read_metrics
 from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, check_data_source, dataset_info, read_skip_log
 from .distill import DistillationTask
@@ -34,7 +35,7 @@ from .engine import Trainer, cleanup_distributed, evaluate_classifier
 from .finetune import ClassificationTask
 from .models.adventurer import checkpoint_filter_fn, patch_grid
 from .seeding import derive_seed, seed_all
-from .teacher import Teacher, load_state_dict_safely, pixels_per_token
+from .teacher import Teacher, check_teacher_model, load_state_dict_safely, pixels_per_token
 
 
 def resolve_device(name: str) -> torch.device:
@@ -358,26 +359,62 @@ def _draw_curves(run_dir: Path, test: dict | None = None) -> str | None:
         return None
 
 
-def resolve_student(cfg: RunConfig) -> RunConfig:
-    """The config with the student's architecture taken from ``student.checkpoint``'s export metadata, where the
-    config leaves it at the default: a distilled student is fine-tuned as what it is, without repeating its
-    model, mixer and model_kwargs. A model or mixer other than the default, and every model_kwargs key the config
-    sets, take precedence (and must fit the weights); the default model or mixer, even when given explicitly, is
-    read as "not set" and yields to the file's."""
-    path = cfg.student.checkpoint
+def _is_set(key: str, value, default, explicit: Collection[str] | None) -> bool:
+    """Whether the user set config ``key``: named in ``explicit`` (the keys a command line or YAML file gave), or,
+    without that record (``explicit=None``, e.g. a config built in Python), holding a value other than the default."""
+    return key in explicit if explicit is not None else value != default
+
+
+def resolve_architectures(cfg: RunConfig, explicit: Collection[str] | None = None) -> RunConfig:
+    """The config with the architectures taken from the export metadata of ``student.checkpoint`` and
+    ``teacher.weights``, where the config does not set them: a distilled student is fine-tuned as what it is, and a
+    teacher trained by ``train-teacher`` is rebuilt as it was trained, without repeating model, mixer and
+    model_kwargs. What the config sets takes precedence (and must fit the weights): ``student.model``,
+    ``student.mixer``, ``teacher.model`` and each model_kwargs key. ``explicit``: the flattened keys the user set
+    (see :func:`_is_set`); without it a value equal to the default counts as not set."""
+    cfg = copy.deepcopy(cfg)
+    _resolve_student(cfg, explicit)
+    _resolve_teacher(cfg, explicit)
+    return cfg
+
+
+def _export_description(path: str | None, option: str, wrong_kinds: dict[str, str]) -> dict | None:
+    """The export metadata of the file ``option`` names (None for other files); a file of one of ``wrong_kinds``
+    (kind -> what to pass instead) is refused."""
     meta = read_export_metadata(path) if path and Path(path).is_file() else None
-    if not meta or "model" not in meta:
-        return cfg
+    if meta and meta.get("kind") in wrong_kinds:
+        raise ValueError(f"{option} {path} is an export of kind {meta['kind']!r} ({meta.get('model')}): "
+                         f"{wrong_kinds[meta['kind']]}")
+    return meta if meta and "model" in meta else None
+
+
+def _resolve_student(cfg: RunConfig, explicit: Collection[str] | None) -> None:
+    meta = _export_description(cfg.student.checkpoint, "student.checkpoint", {
+        "teacher": "student.checkpoint takes a student (the student.safetensors of distill or finetune); a teacher "
+                   "goes in teacher.weights"})
+    if meta is None:
+        return
     stored = dict(meta.get("model_kwargs") or {})
     defaults = StudentConfig()
-    cfg = copy.deepcopy(cfg)
-    if cfg.student.model == defaults.model:
+    if not _is_set("student.model", cfg.student.model, defaults.model, explicit):
         cfg.student.model = meta["model"]
     stored_mixer = stored.pop("mixer", None)
-    if stored_mixer is not None and cfg.student.mixer == defaults.mixer:
+    if stored_mixer is not None and not _is_set("student.mixer", cfg.student.mixer, defaults.mixer, explicit):
         cfg.student.mixer = stored_mixer
     cfg.student.model_kwargs = {**stored, **cfg.student.model_kwargs}
-    return cfg
+
+
+def _resolve_teacher(cfg: RunConfig, explicit: Collection[str] | None) -> None:
+    student = ("teacher.weights takes a ViT (the teacher.safetensors of train-teacher, or a timm checkpoint); a "
+               "student goes in student.checkpoint")
+    meta = _export_description(cfg.teacher.weights, "teacher.weights",
+                               {"student": student, "distilled-student": student})
+    if meta is None or meta.get("kind") != "teacher":
+        return
+    if _is_set("teacher.model", cfg.teacher.model, TeacherConfig().model, explicit) and cfg.teacher.model != meta["model"]:
+        return  # another architecture: the file's model_kwargs describe a different model
+    cfg.teacher.model = meta["model"]
+    cfg.teacher.model_kwargs = {**(meta.get("model_kwargs") or {}), **cfg.teacher.model_kwargs}
 
 
 def _stored_grid(path: str, model: nn.Module) -> tuple[int, int] | None:
@@ -456,6 +493,9 @@ def dry_run_config(cfg: RunConfig, output_dir: str, img_size: int | None = None)
 
 def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised training of a timm ViT teacher from scratch (the demo's teacher)."""
+    # Before the data scan, which can take minutes: a model that distill would refuse as a teacher fails now.
+    with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
+        check_teacher_model(cfg.teacher.model, {"img_size": to_2tuple(cfg.data.img_size), **cfg.teacher.model_kwargs})
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
@@ -472,10 +512,11 @@ def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
                              cfg.teacher.model_kwargs, "teacher.safetensors")
 
 
-def distill(cfg: RunConfig, resume: bool = False) -> dict:
+def distill(cfg: RunConfig, resume: bool = False, explicit: Collection[str] | None = None) -> dict:
     """Distil the teacher into the student (activation matching + masked prediction); no labels used.
-    ``distill.objective: none`` (the ablation's supervised row) trains a classifier instead, which is then tested."""
-    cfg = resolve_student(cfg)
+    ``distill.objective: none`` (the ablation's supervised row) trains a classifier instead, which is then tested.
+    ``explicit``: the config keys the user set (:func:`resolve_architectures`)."""
+    cfg = resolve_architectures(cfg, explicit)
     _seed_initialisation(cfg)
     supervised = cfg.distill.objective == "none"
     info, train_ds, _ = _datasets(cfg, classifier=supervised)
@@ -504,9 +545,10 @@ def _check_logit_teacher(cfg: RunConfig, class_names) -> None:
                          f"{list(class_names)}: logit distillation needs the same classes in the same order")
 
 
-def finetune(cfg: RunConfig, resume: bool = False) -> dict:
-    """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint."""
-    cfg = resolve_student(cfg)
+def finetune(cfg: RunConfig, resume: bool = False, explicit: Collection[str] | None = None) -> dict:
+    """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint.
+    ``explicit``: the config keys the user set (:func:`resolve_architectures`)."""
+    cfg = resolve_architectures(cfg, explicit)
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=False)

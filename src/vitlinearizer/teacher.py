@@ -26,7 +26,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .checkpoint import read_export_metadata, update_pretrained_cfg
 from .models.adventurer import Adventurer, nearest_patch_multiple
 
-__all__ = ["UnsafeCheckpointError", "load_state_dict_safely", "pixels_per_token", "TeacherOutput", "Teacher"]
+__all__ = ["UnsafeCheckpointError", "check_teacher_model", "load_state_dict_safely", "pixels_per_token", "TeacherOutput",
+           "Teacher"]
 
 _CONTAINER_KEYS = ("state_dict", "model", "module")
 _EMA_KEYS = ("model_ema", "state_dict_ema")
@@ -189,11 +190,22 @@ def pixels_per_token(model: nn.Module) -> tuple[int, int] | None:
     return tuple(int(p) for p in embed.patch_size)
 
 
+def _close_model_names(model_name: str, limit: int = 5) -> list[str]:
+    """timm names like a misspelt one: those sharing its longest prefix (``vit_tinyy`` -> ``vit_tiny_patch16_224``,
+    which difflib ranks below shorter names such as ``gcvit_tiny``), then difflib's."""
+    name, known = model_name.split(".")[0], timm.list_models()
+    same_start: list[str] = []
+    for end in range(len(name), 3, -1):
+        same_start = sorted((m for m in known if m.startswith(name[:end])), key=len)
+        if same_start:
+            break
+    close = same_start[:3] + difflib.get_close_matches(name, known, n=limit, cutoff=0.5)
+    return list(dict.fromkeys(close))[:limit] or timm.list_models("vit_*")[:limit]
+
+
 def _create_vit(model_name: str, kwargs: dict) -> nn.Module:
     if not timm.is_model(model_name):
-        close = difflib.get_close_matches(model_name.split(".")[0], timm.list_models(), n=5, cutoff=0.5)
-        raise ValueError(f"unknown timm model {model_name!r}; close matches: "
-                         f"{', '.join(close or timm.list_models('*vit*')[:5])}")
+        raise ValueError(f"unknown timm model {model_name!r}; close matches: {', '.join(_close_model_names(model_name))}")
     try:
         model = timm.create_model(model_name, pretrained=False, **{"dynamic_img_size": True, **kwargs})
     except TypeError:
@@ -218,6 +230,14 @@ def _create_vit(model_name: str, kwargs: dict) -> nn.Module:
         raise ValueError(f"{_NOT_VIT} and its class token first; got {model_name!r}, an Adventurer student "
                          "(class token last). Distil from a ViT, e.g. vit_base_patch16_clip_224")
     return model
+
+
+def check_teacher_model(model_name: str, model_kwargs: dict | None = None) -> None:
+    """Fails, as :class:`Teacher` would, where ``model_name`` is unknown to timm or no ViT a student can be distilled
+    from; builds the model on the meta device, so nothing is allocated and no random number is drawn. Lets a run
+    refuse the model before it scans its data."""
+    with torch.device("meta"):
+        _create_vit(model_name, dict(model_kwargs or {}))
 
 
 def _to_tokens(fmap: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -323,9 +343,9 @@ class Teacher(nn.Module):
                                  ("shape mismatches", shapes)) if v]
             if any(k.startswith(head_prefixes) for k in missing + unexpected + shapes):
                 n = next((sd[k].shape[0] for k in sd if k.startswith(head_prefixes)), None)
-                lines.append(f"  the classifier head does not fit (checkpoint head outputs: {n}); pass "
-                             "num_classes to match it, or ignore_head=True (CLI: --teacher.ignore_head true) to drop the "
-                             "head weights")
+                lines.append(f"  the classifier head does not fit (checkpoint head outputs: {n}): the checkpoint was trained "
+                             "on other classes; pass ignore_head=True (CLI: --teacher.ignore_head true) to drop its head, "
+                             "or, in Python, num_classes to match it")
             lines += _prefix_hint(unexpected, expected)
             lines += self._architecture_hint({k: tuple(v.shape) for k, v in sd.items()})
             if any(k.startswith("pos_embed:") for k in shapes) and meta is None:
