@@ -1,6 +1,7 @@
 """A run directory belongs to one run: starting over in it, or resuming it with other settings, is refused
 before anything in it changes."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -101,3 +102,29 @@ def test_the_supervised_row_of_the_ablation_exports_a_tested_classifier(tmp_path
     assert main(act) == 2
     err = capsys.readouterr().err
     assert "the set of trained parameters or their optimizer groups changed" in err and len(err.splitlines()) == 1
+
+
+def test_a_path_setting_compares_as_the_file_it_names(tmp_path, monkeypatch):
+    from vitlinearizer.runner import config_changes
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"teacher": {"weights": "tw/vit.pth"}, "data": {"root": "~/data"}}
+    same = {"teacher": {"weights": str(tmp_path / "tw" / "vit.pth")}, "data": {"root": str(Path.home() / "data")}}
+    assert config_changes(saved, same, {}) == []
+    other = {"teacher": {"weights": "tw/other.pth"}, "data": {"root": "~/data"}}
+    assert config_changes(saved, other, {}) == ["teacher.weights"]
+    # Only settings that name files: a string elsewhere still compares as text.
+    assert config_changes({"train": {"amp": "bf16"}}, {"train": {"amp": "./bf16"}}, {}) == ["train.amp"]
+
+
+def test_a_run_directory_given_as_the_checkpoint_names_the_file_in_it(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "student.safetensors").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for argv in (["eval", "--checkpoint", str(tmp_path)],
+                 ["predict", "--checkpoint", str(tmp_path), str(tmp_path / "x.png")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"checkpoint {tmp_path} is a directory; pass the exported model in it: " \
+               f"{tmp_path / 'student.safetensors'}" in err

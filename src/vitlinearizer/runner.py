@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import re
 import shutil
 import warnings
@@ -79,6 +80,11 @@ def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataCon
 
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        exports = sorted(p.name for p in path.glob("*.safetensors"))
+        raise FileNotFoundError(f"checkpoint {path} is a directory; pass the exported model in it"
+                                + (f": {', '.join(str(path / e) for e in exports)}" if exports else
+                                   " (a run directory holds student.safetensors or teacher.safetensors)"))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix != ".safetensors":
@@ -228,12 +234,25 @@ def flatten_config(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Settings that name files: a config records them as typed, so they compare as the file they name here
+# (``tw/vit.pth`` and its absolute path are the same file; a relative path is read from the working directory).
+PATH_KEYS = frozenset({"data.root", "teacher.weights", "student.checkpoint"})
+
+
+def _same_setting(key: str, a, b) -> bool:
+    if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str):
+        return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+    return a == b
+
+
 def config_changes(saved: dict, wanted: dict, defaults: dict) -> list[str]:
     """Flattened keys whose value differs between a run's saved config and the wanted one. A key the saved
     config lacks (an option added to the library after the run started) counts as unchanged while the wanted
-    value is its default: adding options does not invalidate earlier runs."""
+    value is its default: adding options does not invalidate earlier runs. Paths (``PATH_KEYS``) compare as the
+    files they name from the working directory."""
     saved, wanted, defaults = (flatten_config(c) for c in (saved, wanted, defaults))
-    return sorted(key for key in set(saved) | set(wanted) if saved.get(key, defaults.get(key)) != wanted.get(key))
+    return sorted(key for key in set(saved) | set(wanted)
+                  if not _same_setting(key, saved.get(key, defaults.get(key)), wanted.get(key)))
 
 
 def _check_resume_config(previous_config: str, cfg: RunConfig, run_dir: Path) -> None:
@@ -248,9 +267,12 @@ def _check_resume_config(previous_config: str, cfg: RunConfig, run_dir: Path) ->
         old, new = flatten_config(saved), flatten_config(wanted)
         shown = ", ".join(f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        paths = [key for key in changed if key in PATH_KEYS]
+        where = (f" ({', '.join(paths)}: a relative path is read from the working directory, {os.getcwd()}; resume "
+                 "from the directory the run started in, or name the same file)") if paths else ""
         raise CheckpointError(f"--resume continues {run_dir} only with the settings it was started with (its "
-                              f"config.yaml); changed: {shown}{more}. Resume without these changes, or start a new "
-                              "run with another --output_dir")
+                              f"config.yaml); changed: {shown}{more}{where}. Resume without these changes, or start a "
+                              "new run with another --output_dir")
 
 
 def _train_and_export(task: nn.Module, cfg: RunConfig, info: dict, train_ds, holdout, resume: bool, kind: str,
