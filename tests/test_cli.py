@@ -1,4 +1,6 @@
 """The CLI end to end on tiny synthetic data: every command, config checking, and the exported files."""
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -33,8 +35,21 @@ def pipeline(tmp_path_factory):
     teacher = root / "teacher" / "teacher.safetensors"
     assert main(["distill", *TINY, "--output_dir", str(root / "distill"), "--teacher.weights", str(teacher)]) == 0
     distilled = root / "distill" / "student.safetensors"
-    assert main(["finetune", *TINY, "--output_dir", str(root / "finetune"), "--student.checkpoint", str(distilled)]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["finetune", *TINY, "--output_dir", str(root / "finetune"), "--student.checkpoint",
+                     str(distilled)]) == 0
+    (root / "finetune" / "printed.json").write_text(printed.getvalue())
     return root
+
+
+def test_a_training_command_prints_its_results(pipeline):
+    printed = json.loads((pipeline / "finetune" / "printed.json").read_text())
+    summary = json.loads((pipeline / "finetune" / "summary.json").read_text())
+    assert printed["exported"] == str(pipeline / "finetune" / "student.safetensors")
+    assert printed["test"] == summary["test"] and printed["steps"] == 4
+    # The holdout metrics (data.holdout_fraction 0.25): a run without a final test has no other measurement.
+    assert printed["last_eval"] == summary["last_eval"] and 0 <= printed["last_eval"]["holdout_top1"] <= 100
 
 
 def test_every_run_directory_is_complete(pipeline):

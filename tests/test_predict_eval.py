@@ -430,3 +430,34 @@ def test_eval_leaves_the_callers_data_config_as_given(tmp_path, monkeypatch):
     assert seen[-1](image).shape == (3, 56, 56)
     normalize = seen[-1].transforms[-1]
     assert torch.allclose(torch.as_tensor(normalize.mean, dtype=torch.float32), torch.tensor([0.2] * 3))
+
+
+def test_eval_without_data_options_uses_the_data_the_export_was_trained_on(tmp_path, capsys):
+    root = tmp_path / "data"
+    for name in ("circle", "square", "star"):
+        _images(root / "train" / name, n=2)
+        _images(root / "val" / name, n=1)
+    ckpt = _export(tmp_path / "run" / "student.safetensors",
+                   data=DataConfig(name="imagefolder", root=str(root), img_size=28, holdout_fraction=0.5))
+    assert read_export_metadata(ckpt)["data_root"] == str(root)
+    assert main(["eval", "--checkpoint", ckpt]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3
+    assert main(["eval", "--checkpoint", ckpt, "--split", "holdout"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 3  # half of train/'s 6 images
+    # A data set the user names is theirs: another ImageFolder root, or another kind of data.
+    other = tmp_path / "other"
+    for name in ("circle", "square", "star"):
+        _images(other / "val" / name, n=2)
+    assert main(["eval", "--checkpoint", ckpt, "--data.root", str(other)]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    assert main(["eval", "--checkpoint", ckpt, *SYNTHETIC]) == 2  # read, and refused for its other class names
+    assert "data 'class_0' vs model 'circle'" in capsys.readouterr().err
+    # Only train/ (no val/): the error names the split that exists.
+    import shutil
+    shutil.rmtree(root / "val")
+    assert main(["eval", "--checkpoint", ckpt]) == 2
+    assert "or evaluate on the training images the model was trained without: --split holdout" in \
+        capsys.readouterr().err
+    shutil.rmtree(root)
+    assert main(["eval", "--checkpoint", ckpt]) == 2
+    assert f"was trained on imagefolder data at {root}, which does not exist here" in capsys.readouterr().err

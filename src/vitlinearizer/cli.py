@@ -68,6 +68,8 @@ def _default_for(key: str, command: str | None) -> str:
     if command == "eval" and key.startswith("data."):
         if key[len("data."):] in EVAL_FROM_MODEL:
             return "the model's, from its file"
+        if key[len("data."):] in ("name", "root"):
+            return "the data the model was trained on, from its file"
         if key[len("data."):] in EVAL_FROM_RUN:
             return f"{_default_of(key)!r}; with --split holdout, the training run's"
     return repr(_default_of(key))
@@ -329,8 +331,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                  "finetune": functools.partial(runner.finetune, explicit=explicit)}
         summary = stage[args.command](cfg, resume=args.resume and not args.dry_run)
         if summary and "exported" in summary:  # the exporting process (rank 0 under torchrun) reports for all
-            print(json.dumps({k: summary[k] for k in ("exported", "test", "curves", "steps") if k in summary}, indent=2,
-                             default=str))
+            # last_eval: the holdout metrics, the only measurement of a run without a final test
+            shown = {k: summary[k] for k in ("exported", "test", "last_eval", "curves", "steps")
+                     if summary.get(k) is not None}
+            print(json.dumps(shown, indent=2, default=str))
         return 0
     if args.command == "eval":
         base = _yaml_values(args)  # read once: the config and the keys it sets come from the same file contents

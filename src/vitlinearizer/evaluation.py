@@ -17,7 +17,7 @@ from timm.layers import to_2tuple
 import torch
 import torch.nn as nn
 
-from .data import DataConfig, build_dataset, build_transform, walk_following_links
+from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, walk_following_links
 from .engine import evaluate_classifier
 from .images import IMG_EXTENSIONS, load_rgb
 from .models.adventurer import patch_grid
@@ -50,6 +50,26 @@ def _export_preprocessing(data: DataConfig, meta: dict, explicit=None) -> DataCo
         if not given and meta.get(field) is not None:
             setattr(data, field, tuple(meta[field]) if isinstance(meta[field], list) else meta[field])
     return data.validate()
+
+
+def _export_data_source(checkpoint, data: DataConfig, meta: dict, explicit=None) -> None:
+    """data.name and data.root from the export's record of the data it was trained on, where the user names no data
+    set (``explicit``: the data fields the user set; None: those that differ from DataConfig's defaults). A root
+    the user gives is kept: the same kind of data (e.g. an ImageFolder) in another place."""
+    default = DataConfig()
+
+    def given(field):
+        return field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
+
+    # Synthetic data is drawn from settings (class count, length) the export does not record.
+    if meta.get("data_name") in (None, "synthetic") or given("name"):
+        return
+    data.name = meta["data_name"]
+    if not given("root") and meta.get("data_root") is not None:
+        if not Path(meta["data_root"]).exists():
+            raise FileNotFoundError(f"{checkpoint} was trained on {data.name} data at {meta['data_root']}, which does "
+                                    "not exist here: name the data to evaluate on with --data.root (and --data.name)")
+        data.root = meta["data_root"]
 
 
 def _warn_if_untrained_head(checkpoint, meta: dict) -> None:
@@ -125,6 +145,7 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
     data = copy.deepcopy(data)  # filled in from this export: reused for another, it would carry these values
     model, meta = load_exported_model(checkpoint, resolve_device(device))
     _warn_if_untrained_head(checkpoint, meta)
+    _export_data_source(checkpoint, data, meta, explicit)
     _export_preprocessing(data, _preprocessing(model, meta), explicit)
     if split == "holdout":
         _use_recorded_split(checkpoint, meta, data, explicit)
@@ -134,7 +155,14 @@ def evaluate(checkpoint: str | Path, data: DataConfig, split: str = "test", batc
         raise ValueError(f"{checkpoint} records no class names and {data.root} has no train/ folder: nothing says "
                          "which class folder is which output; add the train/ class folders, or export the model with "
                          "its classes")
-    dataset = build_dataset(data, split, classes=meta.get("classes") if no_train else None)
+    try:
+        dataset = build_dataset(data, split, classes=meta.get("classes") if no_train else None)
+    except FileNotFoundError as exc:
+        if split == "test" and data.name == "imagefolder" and not no_train and not any(
+                (Path(data.root) / d).is_dir() for d in EVAL_SPLIT_DIRS):
+            raise FileNotFoundError(f"{exc}; or evaluate on the training images the model was trained without: "
+                                    "--split holdout") from None
+        raise
     dataset.transform = build_transform(data, train=False)  # the train split too: no augmentation draws
     recorded = meta.get("holdout_drawn_from")
     if split == "holdout" and recorded and dataset.split_from and dataset.split_from != recorded:

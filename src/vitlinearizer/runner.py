@@ -75,6 +75,9 @@ def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataCon
         # The holdout split the run trained without: `eval --split holdout` rebuilds exactly that split.
         "holdout_fraction": data.holdout_fraction,
         "data_seed": data.seed,
+        # The data it was trained on: `eval --checkpoint FILE` alone evaluates on that data set.
+        "data_name": data.name,
+        "data_root": os.path.abspath(data.root) if data.root else None,
     }
 
 
