@@ -50,6 +50,7 @@ def test_a_training_command_prints_its_results(pipeline):
     assert printed["test"] == summary["test"] and printed["steps"] == 4
     # The holdout metrics (data.holdout_fraction 0.25): a run without a final test has no other measurement.
     assert printed["last_eval"] == summary["last_eval"] and 0 <= printed["last_eval"]["holdout_top1"] <= 100
+    assert printed["last_eval"]["holdout_n"] == 12 and isinstance(printed["last_eval"]["holdout_n"], int)
 
 
 def test_every_run_directory_is_complete(pipeline):

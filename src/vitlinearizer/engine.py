@@ -426,8 +426,8 @@ class Trainer:
             return
         if self.rank == 0:
             result = self.eval_fn(self.ema.module if self.ema is not None else self.student)
-            self._last_eval = {k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v
-                               for k, v in result.items()}
+            # Plain numbers for JSON (tensors and numpy scalars have .item()); a count stays an int.
+            self._last_eval = {k: v.item() if hasattr(v, "item") else v for k, v in result.items()}
             self._append_metrics({"step": self.step, "epoch": self.epoch, "eval": self._last_eval})
             self._set_train_mode()
         if self.world_size > 1:
