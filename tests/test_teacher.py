@@ -180,7 +180,12 @@ def test_load_state_dict_safely_containers_and_errors(tmp_path):
     a, b = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
     path = _save({"model": a, "model_ema": b, "epoch": 1}, tmp_path / "ckpt.pth")
     assert torch.equal(load_state_dict_safely(path)["w"], a["w"])
-    assert torch.equal(load_state_dict_safely(path, prefer_ema=True)["w"], b["w"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the EMA weights exist: no warning
+        assert torch.equal(load_state_dict_safely(path, prefer_ema=True)["w"], b["w"])
+    plain = _save({"state_dict": a}, tmp_path / "plain.pth")
+    with pytest.warns(UserWarning, match="plain.pth holds no EMA weights.*prefer_ema has no effect"):
+        assert torch.equal(load_state_dict_safely(plain, prefer_ema=True)["w"], a["w"])
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_state_dict_safely(tmp_path / "nope.safetensors")
     assert torch.equal(load_state_dict_safely(_save(a, tmp_path / "w.npz"))["w"], a["w"])  # any suffix is torch

@@ -81,12 +81,17 @@ def load_state_dict_safely(path: Union[str, Path], prefer_ema: bool = False,
     else:
         obj = _torch_load_weights_only(path)
     keys = _EMA_KEYS + _CONTAINER_KEYS if prefer_ema else _CONTAINER_KEYS + _EMA_KEYS
+    found_ema = False
     # Training checkpoints nest weights, sometimes twice (e.g. {"model": {"module": ...}}).
     while isinstance(obj, dict):
-        inner = next((obj[k] for k in keys if isinstance(obj.get(k), dict)), None)
-        if inner is None:
+        key = next((k for k in keys if isinstance(obj.get(k), dict)), None)
+        if key is None:
             break
-        obj = inner
+        found_ema |= key in _EMA_KEYS
+        obj = obj[key]
+    if prefer_ema and not found_ema:
+        warnings.warn(f"{option} {path} holds no EMA weights ({' / '.join(_EMA_KEYS)}): prefer_ema has no effect, "
+                      "its weights are used", UserWarning, stacklevel=2)
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
     if not tensors:
         found = list(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
