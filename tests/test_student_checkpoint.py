@@ -112,3 +112,15 @@ def test_the_cli_passes_what_the_user_named(tmp_path, capsys):
     config.write_text("student:\n  model: adventurer_nano_patch4_28\n")
     assert main([*common, "--config", str(config)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["student"]["model"] == "adventurer_nano_patch4_28"
+
+
+def test_a_run_without_a_teacher_leaves_the_teacher_settings_alone(tmp_path, capsys):
+    from vitlinearizer.cli import main
+    _, student = _export(tmp_path)
+    # finetune without logit distillation reads no teacher.*: the CLI says it ignores the flag, and must not fail on it.
+    argv = ["finetune", "--student.checkpoint", str(student), "--teacher.weights", str(student), "--data.name",
+            "synthetic", "--print-config"]
+    assert main(argv) == 0
+    assert "ignoring --teacher.weights" in capsys.readouterr().err
+    assert main([*argv, "--finetune.kd_weight", "0.5"]) == 2
+    assert "teacher.weights" in capsys.readouterr().err

@@ -316,7 +316,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command != "train-teacher":
             # The architectures student.checkpoint and teacher.weights record, as the run (and its config.yaml) will
             # have them: what --print-config shows and what --dry-run builds, which would otherwise be the defaults.
-            cfg = runner.resolve_architectures(cfg, explicit)
+            cfg = runner.resolve_architectures(cfg, explicit,
+                                               teacher=args.command == "distill" or cfg.finetune.kd_weight > 0)
         if args.print_config:
             print(C.dump_yaml(cfg), end="")
             return 0

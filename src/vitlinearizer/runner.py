@@ -390,16 +390,18 @@ def _is_set(key: str, value, default, explicit: Collection[str] | None) -> bool:
     return key in explicit if explicit is not None else value != default
 
 
-def resolve_architectures(cfg: RunConfig, explicit: Collection[str] | None = None) -> RunConfig:
+def resolve_architectures(cfg: RunConfig, explicit: Collection[str] | None = None, teacher: bool = True) -> RunConfig:
     """The config with the architectures taken from the export metadata of ``student.checkpoint`` and
     ``teacher.weights``, where the config does not set them: a distilled student is fine-tuned as what it is, and a
     teacher trained by ``train-teacher`` is rebuilt as it was trained, without repeating model, mixer and
     model_kwargs. What the config sets takes precedence (and must fit the weights): ``student.model``,
     ``student.mixer``, ``teacher.model`` and each model_kwargs key. ``explicit``: the flattened keys the user set
-    (see :func:`_is_set`); without it a value equal to the default counts as not set."""
+    (see :func:`_is_set`); without it a value equal to the default counts as not set. ``teacher=False``: the run
+    builds no teacher (finetune without logit distillation), whose settings are then left as they are."""
     cfg = copy.deepcopy(cfg)
     _resolve_student(cfg, explicit)
-    _resolve_teacher(cfg, explicit)
+    if teacher:
+        _resolve_teacher(cfg, explicit)
     return cfg
 
 
@@ -573,7 +575,7 @@ def _check_logit_teacher(cfg: RunConfig, class_names) -> None:
 def finetune(cfg: RunConfig, resume: bool = False, explicit: Collection[str] | None = None) -> dict:
     """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint.
     ``explicit``: the config keys the user set (:func:`resolve_architectures`)."""
-    cfg = resolve_architectures(cfg, explicit)
+    cfg = resolve_architectures(cfg, explicit, teacher=cfg.finetune.kd_weight > 0)
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=False)
