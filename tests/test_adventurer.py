@@ -184,6 +184,18 @@ def test_torch_export_captures_the_whole_model(mixer):
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_torch_export_with_dynamic_height_and_width_serves_every_size():
+    # One program for all sizes, the native one included: no branch on the input's size may be fixed into it.
+    torch.manual_seed(0)
+    model = timm.create_model("adventurer_nano_patch4_28", num_classes=3, depth=2).eval()
+    h, w = torch.export.Dim("h", min=2, max=16), torch.export.Dim("w", min=2, max=16)
+    program = torch.export.export(model, (torch.randn(2, 3, 20, 36),), dynamic_shapes=({2: 4 * h, 3: 4 * w},))
+    for size in [(28, 28), (20, 36), (8, 64)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mixer", ["mamba2", "gla", "hgrn"])
 def test_fx_traced_model_runs_at_any_resolution_and_keeps_its_input_checks(mixer):
     # torch.fx records the size-dependent steps (input check, patch grid, position-embedding resample, scan order,

@@ -26,6 +26,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+try:  # torch.export with dynamic sizes must not take shape-dependent early-outs (timm's own resampling skips them)
+    from timm.layers import is_exporting
+except ImportError:  # older timm: an export is specialised to the example's size when that is the native one
+    def is_exporting() -> bool:
+        return False
+
 try:  # newer timm records a model's current input size, read by its data config and exports
     from timm.models._input import update_model_input_size
 except ImportError:  # older timm has no such record to keep up to date
@@ -330,7 +336,9 @@ def _check_images(x: torch.Tensor, patch_weight: torch.Tensor) -> None:
 
 def _pos_embed_at(pos_embed: torch.Tensor, grid: tuple[int, int], native_grid: tuple[int, int]) -> torch.Tensor:
     """``pos_embed`` (patches in raster order, class token last) resampled from ``native_grid`` to ``grid``."""
-    if tuple(grid) == tuple(native_grid):
+    # Not while exporting: the branch would fix the graph to one side of the native size (a same-size resample is
+    # the identity, as timm's resample_abs_pos_embed relies on).
+    if not is_exporting() and tuple(grid) == tuple(native_grid):
         return pos_embed
     patches = resample_abs_pos_embed(pos_embed[:, :-1], list(grid), list(native_grid), num_prefix_tokens=0)
     return torch.cat([patches, pos_embed[:, -1:]], dim=1)
