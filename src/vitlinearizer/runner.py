@@ -338,10 +338,10 @@ def _skip_log(run_dir: Path, split: str) -> Path:
 def _skipped_files(datasets: dict) -> dict:
     """Per split, the files left out as unreadable: their count and the first ``_SKIPPED_LISTED`` (path, reason).
 
-    train and holdout both list the scan of train/ (a file is dropped before the split is drawn); a file that
-    passed the scan and failed to decode later, in this process or a DataLoader worker, is read from the
-    split's ``skip_log``."""
-    listed = {}
+    Each file is listed once, under the first split that names it: the scan of train/ drops a file before the
+    holdout is drawn from it, so both carry that scan, and it is listed under train; a file that passed the scan
+    and failed to decode later, in this process or a DataLoader worker, is read from the split's ``skip_log``."""
+    listed, seen = {}, set()
     for split, ds in datasets.items():
         if ds is None:
             continue
@@ -349,6 +349,8 @@ def _skipped_files(datasets: dict) -> dict:
         if getattr(ds, "skip_log", None) is not None:
             for path, reason in read_skip_log(ds.skip_log):
                 skipped.setdefault(path, reason)
+        skipped = {path: reason for path, reason in skipped.items() if path not in seen}
+        seen.update(skipped)
         if skipped:
             listed[split] = {"count": len(skipped), "files": [{"path": p, "reason": r} for p, r in
                                                               list(skipped.items())[:_SKIPPED_LISTED]]}
