@@ -182,3 +182,18 @@ def test_train_teacher_refuses_a_teacher_distill_would_refuse_before_reading_dat
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("distill", ["--student.model_kwargs", "{patch_sz: 8}"], "student.model_kwargs: adventurer_nano_patch4_28 does not "
+                                                             "accept patch_sz"),
+    ("distill", ["--teacher.model", "resnet18"], "teacher must be a ViT-family timm model with patch tokens"),
+    ("finetune", ["--student.model", "adventurer_nano"], "student.model 'adventurer_nano' is unknown"),
+    ("finetune", ["--data.img_size", "30"], "30"),  # not a multiple of the patch (4)
+])
+def test_distill_and_finetune_refuse_unbuildable_models_before_reading_data(command, flags, message, tmp_path, capsys):
+    argv = [command, "--data.name", "imagefolder", "--data.root", str(tmp_path / "absent"), "--train.final_test",
+            "false", *flags, "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absent" not in err and "Traceback" not in err

@@ -76,10 +76,10 @@ def _export_gla_student(path, **mixer_kwargs):
 
 def test_architecture_changes_name_what_the_library_builds_differently(tmp_path):
     today = _export_gla_student(tmp_path / "today.safetensors")
-    assert demo_module.runner.architecture_changes(today) == []  # its mask token does not count
+    assert demo_module.exports.architecture_changes(today) == []  # its mask token does not count
     # A GLA student from before the short convolution became the default: it still loads, as that older layer.
     older = _export_gla_student(tmp_path / "older.safetensors", conv_size=0)
-    changes = demo_module.runner.architecture_changes(older)
+    changes = demo_module.exports.architecture_changes(older)
     assert changes and all(c.endswith(": new") and ".conv." in c for c in changes), changes
     assert any(c.startswith("blocks.0.mixer.") for c in changes)
 

@@ -466,7 +466,7 @@ def export_model(model: Union[nn.Module, Mapping[str, torch.Tensor]], path: Path
 
     The description's fields are checked here, not when the file is read back: ``model`` (timm name),
     ``model_kwargs`` (mapping), ``num_classes`` (int), ``classes`` (one name per class), ``img_size`` (int or
-    [H, W]; stored as [H, W]), ``mean`` / ``std`` (numbers). :func:`vitlinearizer.runner.load_exported_model` needs
+    [H, W]; stored as [H, W]), ``mean`` / ``std`` (numbers). :func:`vitlinearizer.exports.load_exported_model` needs
     ``model``, ``num_classes`` and ``img_size``; a teacher's weights file needs only its statistics."""
     return export_student(model, path, metadata={METADATA_KEY: json.dumps(_checked_description(description))})
 

@@ -23,7 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import runner
+from . import exports, runner
 from .data import DEFAULT_FASHION_MNIST_ROOT, dataset_info
 from .config import build_config, dump_yaml
 from .distill import OBJECTIVES
@@ -269,7 +269,7 @@ def _check_same_architecture(name: str, exported: Path) -> None:
     if not exported.is_file():
         raise DemoConfigMismatch(f"stage {name!r} finished earlier, but its model {exported} is missing. "
                                  "Run with --fresh to start over, or give another --output-dir.")
-    changes = runner.architecture_changes(exported)
+    changes = exports.architecture_changes(exported)
     if changes:
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise DemoConfigMismatch(
@@ -370,7 +370,7 @@ def run_demo(preset_name: str, run_dir: Path, teacher_weights: str | None = None
     values["teacher"]["weights"] = teacher_file
     student_file = run_dir / f"finetune-{preset.main_objective}-{preset.mixers[0]}-s{preset.seeds[0]}" / "student.safetensors"
     latency = latency_vs_resolution(runner.build_teacher(build_config(values), 10, None, None),
-                                    runner.load_exported_model(student_file)[0], preset.latency_sizes)
+                                    exports.load_exported_model(student_file)[0], preset.latency_sizes)
     log.append(dict(stage="latency", reused=False, wall_s=time.perf_counter() - t0))
     report = write_report(run_dir, preset_label(preset_name, preset), preset, results, latency, log, time.perf_counter() - t_start)
     print(report["table"])

@@ -1,7 +1,7 @@
 """Exported models applied to data: ``vitlinearizer eval`` (accuracy on a split) and ``predict`` (labels of image
 files).
 
-An export (``student.safetensors`` / ``teacher.safetensors``, :func:`vitlinearizer.runner.load_exported_model`)
+An export (``student.safetensors`` / ``teacher.safetensors``, :func:`vitlinearizer.exports.load_exported_model`)
 describes itself in its metadata: architecture, classes, preprocessing and the holdout split it was trained
 without, so both need nothing but the file.
 """
@@ -21,7 +21,8 @@ from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, w
 from .engine import evaluate_classifier
 from .images import IMG_EXTENSIONS, load_rgb
 from .models.adventurer import patch_grid
-from .runner import load_exported_model, resolve_device
+from .exports import load_exported_model
+from .runner import resolve_device
 from .teacher import pixels_per_token
 
 __all__ = ["evaluate", "predict"]

@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Collection
 
-import safetensors
 import timm
 from timm.layers import to_2tuple
 import torch
@@ -26,13 +25,14 @@ import torch.nn as nn
 import yaml
 
 from . import models  # noqa: F401  (registers the students with timm)
-from .checkpoint import (CheckpointError, export_model, list_checkpoints, pretrained_cfg_overlay,
-                         read_export_metadata, update_pretrained_cfg, write_text_atomic)
+from .checkpoint import CheckpointError, export_model, list_checkpoints, read_export_metadata, write_text_atomic
 from .config import RunConfig, StudentConfig, TeacherConfig, dump_yaml
 from .curves import plot_curves, read_metrics
 from .data import EVAL_SPLIT_DIRS, DataConfig, build_dataset, build_transform, check_data_source, dataset_info, read_skip_log
 from .distill import DistillationTask
 from .engine import Trainer, cleanup_distributed, evaluate_classifier
+# runner.load_exported_model & co. stay importable from here, where they were first documented.
+from .exports import architecture_changes, load_exported_model, model_metadata, read_metadata  # noqa: F401
 from .finetune import ClassificationTask
 from .models.adventurer import checkpoint_filter_fn, patch_grid
 from .seeding import derive_seed, seed_all
@@ -58,108 +58,6 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"device={name!r} but there are only {torch.cuda.device_count()} CUDA device(s); "
                          f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or auto")
     return device
-
-
-def model_metadata(kind: str, model_name: str, model_kwargs: dict, data: DataConfig, info: dict) -> dict:
-    return {
-        "kind": kind,
-        "model": model_name,
-        "model_kwargs": model_kwargs,
-        "num_classes": info["num_classes"],
-        "classes": list(info["class_names"]),
-        "img_size": list(to_2tuple(data.img_size)),
-        "mean": list(info["mean"]),
-        "std": list(info["std"]),
-        "interpolation": data.interpolation,
-        "crop_pct": data.crop_pct,
-        # The holdout split the run trained without: `eval --split holdout` rebuilds exactly that split.
-        "holdout_fraction": data.holdout_fraction,
-        "data_seed": data.seed,
-        # The data it was trained on: `eval --checkpoint FILE` alone evaluates on that data set.
-        "data_name": data.name,
-        "data_root": os.path.abspath(data.root) if data.root else None,
-    }
-
-
-def read_metadata(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        exports = sorted(p.name for p in path.glob("*.safetensors"))
-        raise FileNotFoundError(f"checkpoint {path} is a directory; pass the exported model in it"
-                                + (f": {', '.join(str(path / e) for e in exports)}" if exports else
-                                   " (a run directory holds student.safetensors or teacher.safetensors)"))
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected an exported .safetensors model (the run directory's student.safetensors)")
-    meta = read_export_metadata(path)
-    if meta is None:
-        raise ValueError(f"{path} has no vitlinearizer metadata; export it with `vitlinearizer distill/finetune`")
-    missing = [key for key in _REBUILD_KEYS if key not in meta]
-    if missing:
-        raise ValueError(f"{path}: its description lacks {', '.join(missing)}, needed to rebuild the model; export it "
-                         f"with a description that names {', '.join(_REBUILD_KEYS)} (runner.model_metadata builds one)")
-    return meta
-
-
-# What an export description must name for load_exported_model to rebuild the model; the rest (classes, mean, std,
-# interpolation, crop_pct, ...) is optional, timm's defaults for the architecture standing in.
-_REBUILD_KEYS = ("model", "num_classes", "img_size")
-
-
-def _model_for(meta: dict) -> nn.Module:
-    """The (untrained) model an export description names, at the resolution it was trained at: the position
-    embedding in the file has that grid's size."""
-    kwargs = {"img_size": to_2tuple(meta["img_size"]), **meta.get("model_kwargs", {})}
-    return timm.create_model(meta["model"], num_classes=meta["num_classes"], **kwargs)
-
-
-def load_exported_model(path: str | Path, device="cpu") -> tuple[nn.Module, dict]:
-    meta = read_metadata(path)
-    try:
-        model = _model_for(meta)
-    except RuntimeError as exc:
-        if "Unknown model" not in str(exc):
-            raise
-        raise ValueError(f"{path}: its description names model {meta['model']!r}, which timm does not know; import "
-                         "the package that registers it before loading") from None
-    state = load_state_dict_safely(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        changes = architecture_changes(path) or [str(exc).splitlines()[0]]
-        raise ValueError(
-            f"{path}: its tensors do not fit the model its description names ({meta['model']}, "
-            f"model_kwargs={meta.get('model_kwargs', {})}, num_classes={meta['num_classes']}): "
-            f"{'; '.join(changes[:4])}{f' (+{len(changes) - 4} more)' if len(changes) > 4 else ''}. The description "
-            "must name the architecture the weights were trained with (e.g. a mixer other than mamba2 in "
-            "model_kwargs)") from None
-    # What timm.data.resolve_data_config(model=model) reads: the file's preprocessing, not the registry's.
-    update_pretrained_cfg(model, **pretrained_cfg_overlay(path, meta))
-    return model.to(device).eval(), meta
-
-
-def architecture_changes(path: str | Path) -> list[str]:
-    """How the tensors of an exported model differ (names, shapes) from what this version of the library builds
-    for the file's own description; empty when they agree.
-
-    A file from before an architecture change still loads (layers keep old checkpoints loadable, e.g. a GLA
-    student without the short convolution loads as that layer), so only this check tells a caller that reusing it
-    would mix two architectures. The mask token is left out: a distilled student carries one, its export
-    description does not ask for one.
-    """
-    path = Path(path)
-    meta = read_metadata(path)
-    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        model = _model_for(meta)
-    built = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "mask_token"}
-    with safetensors.safe_open(str(path), "pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k != "mask_token"}
-    changes = [f"{k}: not built any more" for k in sorted(stored.keys() - built.keys())]
-    changes += [f"{k}: new" for k in sorted(built.keys() - stored.keys())]
-    changes += [f"{k}: shape {stored[k]} -> {built[k]}" for k in sorted(stored.keys() & built.keys())
-                if stored[k] != built[k]]
-    return changes
 
 
 @contextlib.contextmanager
@@ -453,7 +351,9 @@ def _stored_grid(path: str, model: nn.Module) -> tuple[int, int] | None:
     return patch_grid(*meta["img_size"], model.patch_embed.patch_size)
 
 
-def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.Module:
+def _create_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.Module:
+    """The configured student, untrained; a one-line ValueError for an unknown model, an argument it does not take
+    or a resolution its patch does not tile."""
     kwargs = dict(cfg.student.model_kwargs)
     kwargs.update(mixer=cfg.student.mixer, drop_path_rate=cfg.student.drop_path_rate)
     try:
@@ -466,6 +366,22 @@ def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.
                              f"{', '.join(timm.list_models('adventurer*'))}") from exc
         raise
     model.patch_grid(*to_2tuple(cfg.data.img_size))  # a resolution that does not fit the patch size fails here
+    return model
+
+
+def _check_architectures(cfg: RunConfig, student: bool, teacher: bool) -> None:
+    """Builds the configured student and teacher on the meta device (nothing allocated, no random number drawn):
+    settings they cannot be built with fail before the data scan, which takes minutes on a large ImageFolder."""
+    if teacher:
+        with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
+            check_teacher_model(cfg.teacher.model, {"img_size": to_2tuple(cfg.data.img_size), **cfg.teacher.model_kwargs})
+    if student:
+        with torch.device("meta"):
+            _create_student(cfg, num_classes=2, use_mask_token=False)
+
+
+def build_student(cfg: RunConfig, num_classes: int, use_mask_token: bool) -> nn.Module:
+    model = _create_student(cfg, num_classes, use_mask_token)
     model.set_grad_checkpointing(cfg.student.grad_checkpointing)
     if cfg.student.checkpoint:
         state = load_state_dict_safely(cfg.student.checkpoint, model_keys=model.state_dict().keys(),
@@ -522,9 +438,7 @@ def dry_run_config(cfg: RunConfig, output_dir: str, img_size: int | None = None)
 
 def train_teacher(cfg: RunConfig, resume: bool = False) -> dict:
     """Supervised training of a timm ViT teacher from scratch (the demo's teacher)."""
-    # Before the data scan, which can take minutes: a model that distill would refuse as a teacher fails now.
-    with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
-        check_teacher_model(cfg.teacher.model, {"img_size": to_2tuple(cfg.data.img_size), **cfg.teacher.model_kwargs})
+    _check_architectures(cfg, student=False, teacher=True)  # a model distill would refuse as a teacher fails now
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     with _model_kwargs_checked("teacher.model_kwargs", cfg.teacher.model, cfg.teacher.model_kwargs):
@@ -546,6 +460,7 @@ def distill(cfg: RunConfig, resume: bool = False, explicit: Collection[str] | No
     ``distill.objective: none`` (the ablation's supervised row) trains a classifier instead, which is then tested.
     ``explicit``: the config keys the user set (:func:`resolve_architectures`)."""
     cfg = resolve_architectures(cfg, explicit)
+    _check_architectures(cfg, student=True, teacher=True)
     _seed_initialisation(cfg)
     supervised = cfg.distill.objective == "none"
     info, train_ds, _ = _datasets(cfg, classifier=supervised)
@@ -578,6 +493,7 @@ def finetune(cfg: RunConfig, resume: bool = False, explicit: Collection[str] | N
     """Supervised fine-tuning of a (distilled) student, or training it from scratch without student.checkpoint.
     ``explicit``: the config keys the user set (:func:`resolve_architectures`)."""
     cfg = resolve_architectures(cfg, explicit, teacher=cfg.finetune.kd_weight > 0)
+    _check_architectures(cfg, student=True, teacher=cfg.finetune.kd_weight > 0)
     _seed_initialisation(cfg)
     info, train_ds, holdout = _datasets(cfg)
     student = build_student(cfg, info["num_classes"], use_mask_token=False)
