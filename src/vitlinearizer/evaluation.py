@@ -42,13 +42,17 @@ def _preprocessing(model: nn.Module, meta: dict) -> dict:
     return {**meta, **{k: v for k, v in defaults.items() if meta.get(k) is None}}
 
 
+def _user_set(data: DataConfig, field: str, explicit=None) -> bool:
+    """Whether the user set ``data.<field>``: named in ``explicit`` (the data fields a command line or YAML file
+    gave), or, without that record, holding a value other than DataConfig's default."""
+    return field in explicit if explicit is not None else getattr(data, field) != getattr(DataConfig(), field)
+
+
 def _export_preprocessing(data: DataConfig, meta: dict, explicit=None) -> DataConfig:
     """``data`` with the export's preprocessing in every field of ``_PREPROCESSING`` not in ``explicit`` (the
     fields a user set); ``explicit=None`` counts a field as set when it differs from DataConfig's default."""
-    default = DataConfig()
     for field in _PREPROCESSING:
-        given = field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
-        if not given and meta.get(field) is not None:
+        if not _user_set(data, field, explicit) and meta.get(field) is not None:
             setattr(data, field, tuple(meta[field]) if isinstance(meta[field], list) else meta[field])
     return data.validate()
 
@@ -57,16 +61,11 @@ def _export_data_source(checkpoint, data: DataConfig, meta: dict, explicit=None)
     """data.name and data.root from the export's record of the data it was trained on, where the user names no data
     set (``explicit``: the data fields the user set; None: those that differ from DataConfig's defaults). A root
     the user gives is kept: the same kind of data (e.g. an ImageFolder) in another place."""
-    default = DataConfig()
-
-    def given(field):
-        return field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
-
     # Synthetic data is drawn from settings (class count, length) the export does not record.
-    if meta.get("data_name") in (None, "synthetic") or given("name"):
+    if meta.get("data_name") in (None, "synthetic") or _user_set(data, "name", explicit):
         return
     data.name = meta["data_name"]
-    if not given("root") and meta.get("data_root") is not None:
+    if not _user_set(data, "root", explicit) and meta.get("data_root") is not None:
         if not Path(meta["data_root"]).exists():
             raise FileNotFoundError(f"{checkpoint} was trained on {data.name} data at {meta['data_root']}, which does "
                                     "not exist here: name the data to evaluate on with --data.root (and --data.name)")
@@ -114,10 +113,8 @@ def _use_recorded_split(checkpoint, meta: dict, data: DataConfig, explicit=None)
                       f"and data.seed={data.seed}; if training used others, this 'holdout' overlaps the training "
                       "images", UserWarning, stacklevel=3)
         return
-    default = DataConfig()
     for field, value in recorded.items():
-        given = field in explicit if explicit is not None else getattr(data, field) != getattr(default, field)
-        if not given:
+        if not _user_set(data, field, explicit):
             setattr(data, field, value)
         elif getattr(data, field) != value:
             warnings.warn(f"data.{field}={getattr(data, field)!r} but {checkpoint} was trained with {value!r}: this "
